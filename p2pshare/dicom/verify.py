@@ -1,0 +1,54 @@
+"""Check that a received file really is the DICOM instance the manifest named.
+
+A matching SHA-256 proves the bytes are the ones the sender hashed, but the manifest's UIDs are
+the sender's claim about those bytes. Before a file is filed under its SOP Instance UID (and
+shown to a radiologist as part of a study), the receiver reads the UIDs back from the file
+itself. This reuses the sender's header parser, so both sides agree on what a file "is",
+including for old files without the 128-byte preamble.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2pshare.dicom.ingest import parse_header
+from p2pshare.errors import DicomError
+
+__all__ = ["Identity", "read_identity"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The four UIDs that say which instance, of which class, study and series a file is."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+def read_identity(path: str | Path) -> Identity:
+    """Read a file's identifying UIDs from its header (pixel data is not read).
+
+    Raises :class:`DicomError` with a sentence for the user when the file cannot be read or
+    lacks a valid UID.
+    """
+    try:
+        with open(path, "rb") as fp:
+            header = parse_header(fp)
+    except DicomError as exc:
+        raise DicomError(f"the received file cannot be used as DICOM: {exc.message}") from None
+    except OSError as exc:
+        raise DicomError(
+            f"the received file cannot be read back ({exc.strerror or 'read error'})"
+        ) from None
+    return Identity(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+    )
