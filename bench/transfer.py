@@ -1,0 +1,223 @@
+"""Benchmark: one study between two local p2pshare nodes, optionally against baselines.
+
+Run by hand (never from the test suite)::
+
+    .venv/bin/python bench/transfer.py                 # ~300 MB, 600-slice CT study
+    .venv/bin/python bench/transfer.py --compare       # + plaintext aiohttp upload + dcmtk
+    .venv/bin/python bench/transfer.py --slices 4000   # ~2 GB: is memory flat?
+
+Reports, per p2pshare transfer: MB/s of the stream, seconds from pairing to the first verified
+instance, pairing latency and the peak RSS (VmHWM) of each node process. With ``--compare`` the
+rounds are interleaved (p2pshare, plain HTTP, dcmtk, p2pshare, …) so that a noisy neighbour hurts
+all three alike, and medians and ratios are printed.
+
+dcmtk as Debian ships it (3.6.7) leaves Nagle's algorithm on and crawls at ~12 MB/s; its
+programs honour ``TCP_NODELAY=1`` in the environment, and we give both a 128 KiB PDU, which is
+its best. Every receiver writes to the same filesystem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from p2pshare.demo import free_port, spawn_node, stop_node, tree_hashes, transfer  # noqa: E402
+from p2pshare.dicom.synthetic import bench_series, generate_ct_study  # noqa: E402
+
+
+def study_files(study: Path) -> list[Path]:
+    return sorted(p for p in study.rglob("*") if p.is_file())
+
+
+def dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+async def run_p2pshare(study: Path, work: Path, round_no: int) -> dict[str, Any]:
+    sender = await spawn_node("Bench Referring", work / f"s{round_no}")
+    receiver = await spawn_node("Bench Trauma", work / f"r{round_no}")
+    out = work / f"out-p2p-{round_no}"
+    try:
+        figures = await transfer(sender, receiver, study, out, spoken=True)
+        figures["rss_sender_mb"] = sender.peak_rss_mb()
+        figures["rss_receiver_mb"] = receiver.peak_rss_mb()
+    finally:
+        await stop_node(receiver)
+        await stop_node(sender)
+    figures["identical"] = tree_hashes(out) == tree_hashes(study)
+    shutil.rmtree(out, ignore_errors=True)
+    return figures
+
+
+async def run_plain_http(study: Path, work: Path, round_no: int) -> float:
+    """Plaintext baseline: the same files PUT one after another over one keep-alive connection."""
+    out = work / f"out-http-{round_no}"
+    out.mkdir(parents=True)
+
+    async def put(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        with open(out / name, "wb") as fh:
+            async for block in request.content.iter_chunked(1 << 20):
+                fh.write(block)
+        return web.Response(status=201)
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_put("/f/{name}", put)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    files = study_files(study)
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as http:
+        for i, path in enumerate(files):
+            with open(path, "rb") as fh:
+                async with http.put(f"http://127.0.0.1:{port}/f/{i}.dcm", data=fh.read()) as r:
+                    assert r.status == 201
+    seconds = time.perf_counter() - t0
+    await runner.cleanup()
+    nbytes = dir_bytes(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return nbytes / 1e6 / seconds
+
+
+def run_dcmtk(study: Path, work: Path, round_no: int) -> float | None:
+    """dcmtk storescu → storescp, Nagle off, 128 KiB PDU; None when dcmtk is missing."""
+    if not shutil.which("storescu") or not shutil.which("storescp"):
+        return None
+    out = work / f"out-dcmtk-{round_no}"
+    out.mkdir(parents=True)
+    port = free_port()
+    env = dict(os.environ, TCP_NODELAY="1")
+    scp = subprocess.Popen(
+        ["storescp", "--max-pdu", "131072", "-od", str(out), "-aet", "BENCHSCP", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                "storescu",
+                "--max-pdu",
+                "131072",
+                "-aec",
+                "BENCHSCP",
+                "+sd",
+                "+r",
+                "127.0.0.1",
+                str(port),
+                str(study),
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        seconds = time.perf_counter() - t0
+    finally:
+        scp.terminate()
+        scp.wait()
+    nbytes = dir_bytes(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return nbytes / 1e6 / seconds
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--slices", type=int, default=600, help="CT slices of 512x512 (600 ≈ 300 MB)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compare", action="store_true", help="also plaintext HTTP and dcmtk")
+    ap.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "p2pshare-bench"),
+        help="where the generated study is kept between runs",
+    )
+    args = ap.parse_args()
+
+    study = Path(args.cache) / f"ct-{args.slices}"
+    if not study.exists():
+        print(f"generating a {args.slices}-slice CT study in {study} …", flush=True)
+        tmp = study.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_ct_study(tmp, seed=1, series=bench_series(args.slices))
+        tmp.rename(study)
+    size = dir_bytes(study)
+    print(f"study: {len(study_files(study))} files, {size / 1e6:.0f} MB")
+
+    work = Path(tempfile.mkdtemp(prefix="p2pshare-bench-", dir=args.cache))
+    p2p: list[dict[str, Any]] = []
+    plain: list[float] = []
+    dcmtk: list[float] = []
+    try:
+        for i in range(args.rounds):
+            p2p.append(await run_p2pshare(study, work, i))
+            f = p2p[-1]
+            print(
+                f"round {i + 1}: p2pshare {f['mb_per_s']:.0f} MB/s "
+                f"(pairing {f['pairing_s'] * 1000:.0f} ms, first instance "
+                f"{f['first_instance_s'] * 1000:.0f} ms, RSS {f['rss_sender_mb']:.0f}/"
+                f"{f['rss_receiver_mb']:.0f} MB, identical={f['identical']})",
+                flush=True,
+            )
+            if args.compare:
+                plain.append(await run_plain_http(study, work, i))
+                d = run_dcmtk(study, work, i)
+                if d is not None:
+                    dcmtk.append(d)
+                print(
+                    f"         plain HTTP {plain[-1]:.0f} MB/s"
+                    + (f", dcmtk {dcmtk[-1]:.0f} MB/s" if dcmtk else ", dcmtk not installed"),
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = statistics.median
+    mbps = med(f["mb_per_s"] for f in p2p)
+    print()
+    print(f"| measure (median of {args.rounds}) | value |")
+    print("|---|---|")
+    print(f"| study | {len(study_files(study))} instances, {size / 1e6:.0f} MB |")
+    print(f"| p2pshare encrypted stream | {mbps:.0f} MB/s |")
+    print(f"| pairing latency | {med(f['pairing_s'] for f in p2p) * 1000:.0f} ms |")
+    print(
+        f"| pairing → first verified instance | {med(f['first_instance_s'] for f in p2p) * 1000:.0f} ms |"
+    )
+    print(
+        f"| peak RSS sender / receiver | {max(f['rss_sender_mb'] for f in p2p):.0f} / "
+        f"{max(f['rss_receiver_mb'] for f in p2p):.0f} MB |"
+    )
+    print(f"| byte-identical every round | {all(f['identical'] for f in p2p)} |")
+    if plain:
+        print(
+            f"| plaintext aiohttp upload | {med(plain):.0f} MB/s (p2pshare ratio {mbps / med(plain):.2f}) |"
+        )
+    if dcmtk:
+        print(
+            f"| dcmtk storescu→storescp (TCP_NODELAY, 128 KiB PDU) | {med(dcmtk):.0f} MB/s "
+            f"(p2pshare ratio {mbps / med(dcmtk):.2f}) |"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

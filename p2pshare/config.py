@@ -1,0 +1,66 @@
+"""Settings, as frozen dataclasses built once by the CLI and passed down."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2pshare.errors import ConfigError
+
+DEFAULT_PORT = 8700
+DEFAULT_EXPIRY_S = 15 * 60
+MAX_EXPIRY_S = 24 * 3600
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("P2PSHARE_DATA_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "p2pshare"
+
+
+def parse_duration(text: str) -> int:
+    """``15m``, ``90s``, ``2h`` or a bare number of minutes → seconds."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smh]?)\s*", text.lower())
+    if not m:
+        raise ConfigError(f"'{text}' is not a duration; use e.g. 15m, 90s or 2h")
+    value = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "": 60}[m.group(2)]
+    if not 30 <= value <= MAX_EXPIRY_S:
+        raise ConfigError("an offer must expire between 30 seconds and 24 hours from now")
+    return value
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to run."""
+
+    data_dir: Path
+    name: str
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    #: Addresses receivers should try, "host:port"; empty means derived from host/port.
+    advertise: tuple[str, ...] = ()
+    offer_expiry_s: int = DEFAULT_EXPIRY_S
+    chunk_size: int = 1024 * 1024
+    window: int = 8
+    #: Refuse studies larger than this many bytes (a peer cannot fill the disk).
+    max_study_bytes: int = 64 * 1024**3
+    #: Keep at least this much disk free after a study is written.
+    min_free_bytes: int = 512 * 1024**2
+
+    def __post_init__(self) -> None:
+        if not self.name.strip() or len(self.name) > 200 or not self.name.isprintable():
+            raise ConfigError("the node name must be 1–200 printable characters")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range")
+
+    @property
+    def identity_path(self) -> Path:
+        return self.data_dir / "identity.key"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "api-token"

@@ -1,0 +1,81 @@
+"""Live progress of offers and transfers, for the CLI, the API and (later) the web UI.
+
+A job is an append-only list of small JSON events with increasing sequence numbers. Readers
+long-poll for events after the last one they saw. Progress events replace the previous progress
+event instead of piling up, so a job's memory stays small whatever the study size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+MAX_EVENTS = 500
+
+
+class Job:
+    def __init__(self, job_id: str, kind: str, clock: Callable[[], float] = time.time) -> None:
+        self.id = job_id
+        self.kind = kind
+        self.events: list[dict[str, Any]] = []
+        self.done = False
+        self.result: dict[str, Any] | None = None
+        self._seq = 0
+        self._clock = clock
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[Any] | None = None
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self._seq += 1
+        record = {"seq": self._seq, "event": event, "at": round(self._clock(), 3), **fields}
+        if event == "progress" and self.events and self.events[-1]["event"] == "progress":
+            self.events[-1] = record
+        else:
+            self.events.append(record)
+            if len(self.events) > MAX_EVENTS:
+                del self.events[1 : len(self.events) - MAX_EVENTS + 1]
+        self._changed.set()
+
+    def finish(self, event: str, **fields: Any) -> None:
+        """The last event of a job: ``complete`` or ``error``."""
+        self.emit(event, **fields)
+        self.result = self.events[-1]
+        self.done = True
+
+    def since(self, after: int) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["seq"] > after]
+
+    async def wait(self, after: int, timeout: float) -> list[dict[str, Any]]:
+        """Events after ``after``; waits up to ``timeout`` seconds for the first one."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            found = self.since(after)
+            if found or self.done:
+                return found
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return []
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return []
+
+
+class Jobs:
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+
+    def create(self, kind: str, job_id: str | None = None) -> Job:
+        job = Job(job_id or uuid.uuid4().hex, kind)
+        self._jobs[job.id] = job
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def all(self) -> list[Job]:
+        return list(self._jobs.values())

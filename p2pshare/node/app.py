@@ -1,0 +1,307 @@
+"""The node's aiohttp application: peer endpoint, staff API, static pages.
+
+``create_app(config)`` builds everything; every resource is opened and closed by the
+``cleanup_ctx`` below. The API needs the node's bearer token (``<data dir>/api-token``, mode
+0600), so nobody who merely reaches the port can read or start anything. The peer endpoint
+(``/p2p``) is open by design: a connecting node proves itself through the PAKE, not the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from p2pshare import __version__, crypto
+from p2pshare.config import NodeConfig
+from p2pshare.errors import (
+    CodeError,
+    ConfigError,
+    InputError,
+    P2PShareError,
+    StudyChoiceError,
+)
+from p2pshare.jobs import Jobs
+from p2pshare.node import service
+from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key, token_key
+from p2pshare.protocol.frames import MAX_FRAME
+from p2pshare.store import Store
+from p2pshare.transfer import Engine, WsChannel
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent.parent / "web"
+EXPIRY_SWEEP_S = 5.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def load_token(path: Path) -> str:
+    """The API bearer token, created (0600) on first start."""
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[config_key]
+    store = Store(cfg.data_dir)
+    identity = crypto.Identity.load_or_create(cfg.identity_path)
+    jobs = Jobs()
+    engine = Engine(config=cfg, identity=identity, store=store, offer_job=jobs.get)
+    app[store_key] = store
+    app[engine_key] = engine
+    app[jobs_key] = jobs
+    app[token_key] = load_token(cfg.token_path)
+    # Offers survive a restart: give each live one a job again so progress can be watched.
+    for offer in store.list_offers():
+        if offer.state == "active":
+            jobs.create("offer", offer.id).emit("waiting", expires=offer.expires)
+    engine.audit("node-started", name=cfg.name, fingerprint=identity.fingerprint)
+    sweeper = asyncio.create_task(_sweep_expired(app))
+    yield
+    sweeper.cancel()
+    tasks = [*app[service.receive_tasks_key], *engine.running.values()]
+    for task in tasks:
+        task.cancel()
+    for task in [sweeper, *tasks]:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    store.close()
+
+
+async def _sweep_expired(app: web.Application) -> None:
+    store, engine, jobs = app[store_key], app[engine_key], app[jobs_key]
+    while True:
+        await asyncio.sleep(EXPIRY_SWEEP_S)
+        for offer_id in store.expire_offers(engine.now()):
+            engine.audit("offer-expired", offer=offer_id)
+            job = jobs.get(offer_id)
+            if job is not None and not job.done:
+                job.finish("error", code="offer-expired", message="the offer expired unused")
+
+
+def _status_for(exc: P2PShareError) -> int:
+    if isinstance(exc, StudyChoiceError):
+        return 409
+    if isinstance(exc, InputError | CodeError | ConfigError):
+        return 400
+    return 422
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain errors become JSON a person can read; nothing else leaks a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except P2PShareError as exc:
+        body: dict[str, Any] = {"error": exc.code, "message": exc.message}
+        if isinstance(exc, StudyChoiceError):
+            body["studies"] = exc.studies
+        return web.json_response(body, status=_status_for(exc))
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return web.json_response(
+            {"error": "internal", "message": "internal error; see the node's log"}, status=500
+        )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/") and request.path != "/api/v1/info":
+        given = request.headers.get("Authorization", "")
+        expected = "Bearer " + request.app[token_key]
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return web.json_response(
+                {"error": "unauthorized", "message": "this API needs the node's token"},
+                status=401,
+            )
+    return await handler(request)
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/v1/info")
+async def info(request: web.Request) -> web.Response:
+    engine = request.app[engine_key]
+    return web.json_response(
+        {
+            "name": request.app[config_key].name,
+            "fingerprint": engine.identity.fingerprint,
+            "version": __version__,
+            "protocol": 1,
+        }
+    )
+
+
+@routes.get("/p2p")
+async def peer_endpoint(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME + 1024, heartbeat=30.0)
+    await ws.prepare(request)
+    peer = request.remote or "unknown"
+    await request.app[engine_key].serve_sender(WsChannel(ws, peer))
+    return ws
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ConfigError("the request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ConfigError("the request body must be a JSON object")
+    return body
+
+
+@routes.post("/api/v1/offers")
+async def post_offer(request: web.Request) -> web.Response:
+    body = await _json(request)
+    path = body.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError("give the study's folder or .zip as 'path'")
+    study = body.get("study_uid")
+    expires = body.get("expires_s")
+    offer = await service.create_offer(
+        request.app,
+        path,
+        study if isinstance(study, str) else None,
+        expires if isinstance(expires, int) else None,
+    )
+    return web.json_response(offer, status=201)
+
+
+def _offer_view(request: web.Request, offer_id: str) -> dict[str, Any]:
+    offer = request.app[store_key].get_offer(offer_id)
+    if offer is None:
+        raise web.HTTPNotFound(text='{"error": "not-found"}', content_type="application/json")
+    return {
+        "offer_id": offer.id,
+        "state": offer.state,
+        "expires": offer.expires,
+        "study": offer.manifest.summary(),
+        "peer": offer.peer_name,
+        "peer_fingerprint": offer.peer_fingerprint,
+        "failed_attempts": offer.failed_attempts,
+        "receipt": offer.receipt,
+        "error": offer.error,
+    }
+
+
+@routes.get("/api/v1/offers")
+async def list_offers(request: web.Request) -> web.Response:
+    offers = request.app[store_key].list_offers()
+    return web.json_response([_offer_view(request, o.id) for o in offers])
+
+
+@routes.get("/api/v1/offers/{offer_id}")
+async def get_offer(request: web.Request) -> web.Response:
+    return web.json_response(_offer_view(request, request.match_info["offer_id"]))
+
+
+@routes.delete("/api/v1/offers/{offer_id}")
+async def delete_offer(request: web.Request) -> web.Response:
+    if not service.cancel_offer(request.app, request.match_info["offer_id"]):
+        raise web.HTTPConflict(
+            text='{"error": "not-cancellable", "message": "no such live offer"}',
+            content_type="application/json",
+        )
+    return web.json_response({"cancelled": True})
+
+
+@routes.post("/api/v1/receive")
+async def post_receive(request: web.Request) -> web.Response:
+    body = await _json(request)
+    code, out = body.get("code"), body.get("out")
+    if not isinstance(code, str) or not isinstance(out, str) or not out:
+        raise ConfigError("give the code (or QR link) as 'code' and the destination as 'out'")
+    raw_from = body.get("from", [])
+    addresses = [a for a in raw_from if isinstance(a, str)] if isinstance(raw_from, list) else []
+    job = service.start_receive(request.app, code, out, addresses)
+    return web.json_response({"job": job.id}, status=202)
+
+
+@routes.get("/api/v1/transfers/{job_id}")
+async def get_transfer(request: web.Request) -> web.Response:
+    t = request.app[store_key].get_transfer(request.match_info["job_id"])
+    if t is None:
+        raise web.HTTPNotFound(text='{"error": "not-found"}', content_type="application/json")
+    return web.json_response(t)
+
+
+@routes.get("/api/v1/jobs/{job_id}/events")
+async def job_events(request: web.Request) -> web.Response:
+    job = request.app[jobs_key].get(request.match_info["job_id"])
+    if job is None:
+        raise web.HTTPNotFound(text='{"error": "not-found"}', content_type="application/json")
+    try:
+        after = int(request.query.get("after", "0"))
+        wait = min(30.0, max(0.0, float(request.query.get("wait", "20"))))
+    except ValueError:
+        raise ConfigError("'after' and 'wait' must be numbers") from None
+    events = await job.wait(after, wait)
+    return web.json_response({"events": events, "done": job.done})
+
+
+@routes.get("/api/v1/peers")
+async def list_peers(request: web.Request) -> web.Response:
+    return web.json_response(request.app[store_key].list_peers())
+
+
+@routes.delete("/api/v1/peers/{name}")
+async def forget_peer(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not request.app[store_key].forget_peer(name):
+        raise web.HTTPNotFound(text='{"error": "not-found"}', content_type="application/json")
+    request.app[engine_key].audit("peer-forgotten", name=name)
+    return web.json_response({"forgotten": name})
+
+
+@routes.get("/")
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html")
+
+
+def create_app(config: NodeConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
+    app[config_key] = config
+    app[service.addresses_key] = []
+    app[service.receive_tasks_key] = set()
+    app.cleanup_ctx.append(_resources)
+    app.add_routes(routes)
+    if WEB_DIR.is_dir():
+        app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
+    return app
+
+
+async def start(config: NodeConfig) -> tuple[web.AppRunner, web.Application]:
+    """Start a node and return its runner; the bound addresses are filled in."""
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot listen on {config.host}:{config.port} ({exc.strerror}); is another node "
+            f"running there? Choose another --port"
+        ) from exc
+    for addr in runner.addresses:
+        app[service.addresses_key].append((addr[0], addr[1]))
+    return runner, app

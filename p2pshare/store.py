@@ -1,0 +1,293 @@
+"""A node's state in SQLite: offers, receiving transfers, pinned peers, receipts, audit.
+
+SQLite is the embedded default so that nothing else has to run for a node to work. The database
+file and the data directory are private to the node's user (0600 / 0700): offers hold their
+codes until they end, so that a node restarted while waiting still honours them.
+
+All methods are short, synchronous statements called from the event loop thread; nothing here
+runs long enough to matter (no per-chunk writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from p2pshare import crypto
+from p2pshare.audit import AuditLog
+from p2pshare.errors import PeerKeyChanged
+from p2pshare.manifest import Manifest
+
+MAX_FAILED_ATTEMPTS = 3
+
+SCHEMA = """
+PRAGMA journal_mode = WAL;
+CREATE TABLE IF NOT EXISTS offers (
+    id TEXT PRIMARY KEY,
+    number INTEGER NOT NULL,
+    spoken_code TEXT NOT NULL,
+    qr_secret BLOB NOT NULL,
+    study_uid TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    sources TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    failed_attempts INTEGER NOT NULL DEFAULT 0,
+    peer_name TEXT,
+    peer_fingerprint TEXT,
+    transfer_id TEXT,
+    receipt TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS offers_number ON offers (number, state);
+CREATE TABLE IF NOT EXISTS transfers (
+    id TEXT PRIMARY KEY,
+    created INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    out_dir TEXT NOT NULL,
+    peer_name TEXT,
+    peer_fingerprint TEXT,
+    transfer_id TEXT,
+    manifest BLOB,
+    verified INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT,
+    error TEXT,
+    finished INTEGER
+);
+CREATE TABLE IF NOT EXISTS peers (
+    name TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    fingerprint TEXT NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    last_address TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+#: Offer states. ACTIVE offers accept pairing; every other state is final except PAIRED/SENDING.
+ACTIVE, PAIRED, SENDING, COMPLETED = "active", "paired", "sending", "completed"
+EXPIRED, BURNT, CANCELLED, FAILED = "expired", "burnt", "cancelled", "failed"
+_LIVE = (ACTIVE,)
+
+
+@dataclass(frozen=True)
+class Offer:
+    id: str
+    number: int
+    spoken_code: str
+    qr_secret: bytes
+    study_uid: str
+    manifest: Manifest
+    sources: list[dict[str, Any]]
+    created: int
+    expires: int
+    state: str
+    failed_attempts: int
+    peer_name: str | None
+    peer_fingerprint: str | None
+    receipt: dict[str, Any] | None
+    error: str | None
+
+    @property
+    def tries_left(self) -> int:
+        return max(0, MAX_FAILED_ATTEMPTS - self.failed_attempts)
+
+
+def _offer(row: sqlite3.Row) -> Offer:
+    return Offer(
+        id=row["id"],
+        number=row["number"],
+        spoken_code=row["spoken_code"],
+        qr_secret=row["qr_secret"],
+        study_uid=row["study_uid"],
+        manifest=Manifest.from_bytes(row["manifest"]),
+        sources=json.loads(row["sources"]),
+        created=row["created"],
+        expires=row["expires"],
+        state=row["state"],
+        failed_attempts=row["failed_attempts"],
+        peer_name=row["peer_name"],
+        peer_fingerprint=row["peer_fingerprint"],
+        receipt=json.loads(row["receipt"]) if row["receipt"] else None,
+        error=row["error"],
+    )
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o700)
+        path = data_dir / "node.sqlite3"
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA busy_timeout = 5000")
+        self.db.executescript(SCHEMA)
+        self.audit = AuditLog(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- offers -----------------------------------------------------------------------------
+
+    def free_offer_number(self, now: int) -> int:
+        """The smallest number no live offer uses: short codes stay short."""
+        self.expire_offers(now)
+        used = {r[0] for r in self.db.execute("SELECT number FROM offers WHERE state = ?", _LIVE)}
+        n = 1
+        while n in used:
+            n += 1
+        return n
+
+    def add_offer(
+        self,
+        *,
+        offer_id: str,
+        number: int,
+        spoken_code: str,
+        qr_secret: bytes,
+        manifest: Manifest,
+        sources: list[dict[str, Any]],
+        created: int,
+        expires: int,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO offers (id, number, spoken_code, qr_secret, study_uid, manifest, "
+            "sources, created, expires, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                offer_id,
+                number,
+                spoken_code,
+                qr_secret,
+                manifest.study_instance_uid,
+                manifest.to_bytes(),
+                json.dumps(sources),
+                created,
+                expires,
+                ACTIVE,
+            ),
+        )
+
+    def get_offer(self, offer_id: str) -> Offer | None:
+        row = self.db.execute("SELECT * FROM offers WHERE id = ?", (offer_id,)).fetchone()
+        return _offer(row) if row else None
+
+    def find_offer(self, ref: str, spoken: bool) -> Offer | None:
+        """The offer a receiver names: by id (QR) or by number among live ones (spoken).
+
+        For a spoken number the most recent offer with that number is returned even when it is
+        no longer live, so that the receiver hears "expired" or "used" rather than "unknown".
+        """
+        if not spoken:
+            return self.get_offer(ref)
+        if not ref.isdigit():
+            return None
+        row = self.db.execute(
+            "SELECT * FROM offers WHERE number = ? ORDER BY (state = 'active') DESC, created DESC "
+            "LIMIT 1",
+            (int(ref),),
+        ).fetchone()
+        return _offer(row) if row else None
+
+    def list_offers(self, limit: int = 100) -> list[Offer]:
+        rows = self.db.execute("SELECT * FROM offers ORDER BY created DESC LIMIT ?", (limit,))
+        return [_offer(r) for r in rows]
+
+    def set_offer_state(self, offer_id: str, state: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in ["state", *fields])
+        values = [state, *(json.dumps(v) if isinstance(v, dict) else v for v in fields.values())]
+        self.db.execute(f"UPDATE offers SET {cols} WHERE id = ?", (*values, offer_id))
+
+    def claim_offer(self, offer_id: str, now: int) -> bool:
+        """Atomically move a live, unexpired offer to PAIRED. False if someone else was first."""
+        cur = self.db.execute(
+            "UPDATE offers SET state = ? WHERE id = ? AND state = ? AND expires > ?",
+            (PAIRED, offer_id, ACTIVE, now),
+        )
+        return cur.rowcount == 1
+
+    def record_failed_attempt(self, offer_id: str) -> int:
+        """Count a wrong code; burn the offer at the limit. Returns tries left."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "UPDATE offers SET failed_attempts = failed_attempts + 1 WHERE id = ?", (offer_id,)
+            )
+            row = self.db.execute(
+                "SELECT failed_attempts, state FROM offers WHERE id = ?", (offer_id,)
+            ).fetchone()
+            left = max(0, MAX_FAILED_ATTEMPTS - row[0])
+            if left == 0 and row[1] == ACTIVE:
+                self.db.execute("UPDATE offers SET state = ? WHERE id = ?", (BURNT, offer_id))
+        return left
+
+    def expire_offers(self, now: int) -> list[str]:
+        rows = self.db.execute(
+            "SELECT id FROM offers WHERE state = ? AND expires <= ?", (ACTIVE, now)
+        ).fetchall()
+        ids = [r[0] for r in rows]
+        for offer_id in ids:
+            self.set_offer_state(offer_id, EXPIRED)
+        return ids
+
+    # -- receiving transfers ------------------------------------------------------------------
+
+    def add_transfer(self, transfer_job: str, created: int, out_dir: str) -> None:
+        self.db.execute(
+            "INSERT INTO transfers (id, created, state, out_dir) VALUES (?, ?, ?, ?)",
+            (transfer_job, created, "connecting", out_dir),
+        )
+
+    def update_transfer(self, transfer_job: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        values = [json.dumps(v) if isinstance(v, dict) else v for v in fields.values()]
+        self.db.execute(f"UPDATE transfers SET {cols} WHERE id = ?", (*values, transfer_job))
+
+    def get_transfer(self, transfer_job: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM transfers WHERE id = ?", (transfer_job,)).fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        d.pop("manifest", None)
+        d["receipt"] = json.loads(d["receipt"]) if d["receipt"] else None
+        return d
+
+    # -- peers (trust on first use) -------------------------------------------------------------
+
+    def check_pin(self, name: str, public_key: bytes, now: int, address: str = "") -> bool:
+        """Pin a new institution, or confirm a known one. Returns True on first contact.
+
+        Raises:
+            PeerKeyChanged: the name is pinned to another key.
+        """
+        row = self.db.execute("SELECT public_key FROM peers WHERE name = ?", (name,)).fetchone()
+        fp = crypto.fingerprint(public_key)
+        if row is None:
+            self.db.execute(
+                "INSERT INTO peers (name, public_key, fingerprint, first_seen, last_seen, "
+                "last_address) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, public_key, fp, now, now, address),
+            )
+            return True
+        if not crypto.equal(bytes(row[0]), public_key):
+            raise PeerKeyChanged(name, crypto.fingerprint(bytes(row[0])), fp)
+        self.db.execute(
+            "UPDATE peers SET last_seen = ?, last_address = ? WHERE name = ?", (now, address, name)
+        )
+        return False
+
+    def list_peers(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT name, fingerprint, first_seen, last_seen, last_address FROM peers ORDER BY name"
+        )
+        return [dict(r) for r in rows]
+
+    def forget_peer(self, name: str) -> bool:
+        return self.db.execute("DELETE FROM peers WHERE name = ?", (name,)).rowcount == 1

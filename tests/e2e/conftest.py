@@ -1,0 +1,118 @@
+"""Fixtures for end-to-end tests: real `p2pshare` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pshare.demo import NodeProc, spawn_node, stop_node
+from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic CT study: two series, 20 instances, a few files in a sub-folder."""
+    root = tmp_path_factory.mktemp("study")
+    generate_ct_study(
+        root,
+        seed=7,
+        series=[
+            SeriesSpec("Head", slices=8, rows=64, columns=64, region="head"),
+            SeriesSpec("Chest", slices=12, rows=96, columns=96, region="chest"),
+        ],
+    )
+    return root
+
+
+@dataclass
+class CliResult:
+    code: int
+    lines: list[dict[str, Any]]
+    stderr: str
+    stdout: str
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("type") == kind]
+
+
+class Cli:
+    """Runs `python -m p2pshare …` as a real subprocess."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.env = dict(
+            os.environ, PYTHONUNBUFFERED="1", P2PSHARE_DATA_DIR=str(tmp / "default-data")
+        )
+        self.env.pop("P2PSHARE_TOKEN", None)
+
+    async def start(self, *args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "p2pshare",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=self.env,
+        )
+
+    @staticmethod
+    async def first_json(
+        proc: asyncio.subprocess.Process, kind: str, timeout: float = 60
+    ) -> dict[str, Any]:
+        assert proc.stdout is not None
+        while True:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+            if not line:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise AssertionError(
+                    f"process ended before a {kind!r} line: {err.decode()[-2000:]}"
+                )
+            obj = json.loads(line)
+            if obj.get("type") == kind:
+                return obj
+
+    @staticmethod
+    async def finish(
+        proc: asyncio.subprocess.Process,
+        timeout: float = 120,
+        seen: list[dict[str, Any]] | None = None,
+    ) -> CliResult:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        lines = list(seen or [])
+        for raw in out.decode().splitlines():
+            raw = raw.strip()
+            if raw.startswith("{"):
+                lines.append(json.loads(raw))
+        assert proc.returncode is not None
+        return CliResult(proc.returncode, lines, err.decode(), out.decode())
+
+    async def run(self, *args: str, timeout: float = 120) -> CliResult:
+        return await self.finish(await self.start(*args), timeout)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
+    """Two `p2pshare serve` processes: a referring hospital and a trauma centre."""
+    sender = await spawn_node("Referring Hospital ED", tmp_path / "referring")
+    receiver = await spawn_node("Trauma Centre Radiology", tmp_path / "trauma")
+    try:
+        yield sender, receiver
+    finally:
+        await stop_node(receiver)
+        await stop_node(sender)

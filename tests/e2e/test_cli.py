@@ -1,0 +1,315 @@
+"""The real CLI as subprocesses: send/receive with temporary nodes and against `serve` nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import aiohttp
+
+from p2pshare.client import NodeClient
+from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes
+
+from .conftest import Cli
+
+
+def received_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*") if p.is_file() and ".p2pshare-partial" not in p.parts)
+
+
+async def test_send_and_receive_with_spoken_code_between_temporary_nodes(
+    cli: Cli, study: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "received"
+    sender = await cli.start(
+        "send",
+        str(study),
+        "--json",
+        "--data-dir",
+        str(tmp_path / "a"),
+        "--name",
+        "Referring Hospital ED",
+        "--qr-png",
+        str(tmp_path / "offer.png"),
+        "--qr-svg",
+        str(tmp_path / "offer.svg"),
+    )
+    offer = await cli.first_json(sender, "offer")
+    assert offer["code"].split("-")[0].isdigit() and len(offer["code"].split("-")) == 5
+    assert offer["uri"].startswith("p2pshare://offer/") and "#" in offer["uri"]
+    assert (tmp_path / "offer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "offer.svg").read_bytes()
+
+    received = await cli.run(
+        "receive",
+        offer["code"],
+        "--from",
+        offer["addresses"][0],
+        "--out",
+        str(out),
+        "--json",
+        "--data-dir",
+        str(tmp_path / "b"),
+        "--name",
+        "Trauma Centre Radiology",
+    )
+    sent = await cli.finish(sender, seen=[offer])
+
+    assert received.code == 0, received.stderr + received.stdout
+    assert sent.code == 0, sent.stderr + sent.stdout
+    # byte for byte, every instance, stored under UID-derived names
+    assert tree_hashes(out) == tree_hashes(study)
+    for f in received_files(out):
+        assert f.suffix == ".dcm" and all(c.isdigit() or c == "." for c in f.stem)
+    # each side saw which institution was on the other end
+    paired_r = received.events("paired")[0]
+    assert paired_r["peer"] == "Referring Hospital ED"
+    assert paired_r["fingerprint"] == offer["fingerprint"]
+    assert sent.events("paired")[0]["peer"] == "Trauma Centre Radiology"
+    # the sender stored and printed the same signed receipt the receiver produced
+    r_receipt = received.events("complete")[0]["receipt"]
+    assert sent.events("complete")[0]["receipt"] == r_receipt
+    assert r_receipt["instances"] == 20
+    manifest = received.events("manifest")[0]
+    assert manifest["instances"] == 20 and len(manifest["series"]) == 2
+    # nothing left in staging
+    assert not (out / ".p2pshare-partial").exists()
+
+
+async def test_qr_uri_through_running_nodes(
+    nodes: tuple[NodeProc, NodeProc], cli: Cli, study: Path, tmp_path: Path
+) -> None:
+    sender, receiver = nodes
+    out = tmp_path / "in"
+    send = await cli.start(
+        "send", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
+    )
+    offer = await cli.first_json(send, "offer")
+    received = await cli.run(
+        "receive",
+        offer["uri"],
+        "--node",
+        receiver.url,
+        "--data-dir",
+        str(receiver.data_dir),
+        "--out",
+        str(out),
+        "--json",
+    )
+    sent = await cli.finish(send, seen=[offer])
+    assert received.code == 0, received.stdout + received.stderr
+    assert sent.code == 0
+    assert tree_hashes(out) == tree_hashes(study)
+    # the offer is now used: the same link gets a clear refusal and writes nothing
+    again = await cli.run(
+        "receive",
+        offer["uri"],
+        "--node",
+        receiver.url,
+        "--data-dir",
+        str(receiver.data_dir),
+        "--out",
+        str(tmp_path / "again"),
+        "--json",
+    )
+    assert again.code == 2
+    err = again.events("error")[-1]
+    assert "already been used" in err["message"]
+    assert not received_files(tmp_path / "again") if (tmp_path / "again").exists() else True
+
+
+async def test_wrong_codes_are_counted_and_burn_the_offer(
+    nodes: tuple[NodeProc, NodeProc], study: Path, tmp_path: Path
+) -> None:
+    sender, receiver = nodes
+    out = tmp_path / "out"
+    async with aiohttp.ClientSession() as http:
+        s_api = NodeClient(sender.url, sender.token, http)
+        r_api = NodeClient(receiver.url, receiver.token, http)
+        offer = await s_api.create_offer(str(study), None, None)
+        number, *words = offer["code"].split("-")
+        wrong = (
+            "-".join([number, *reversed(words)])
+            if words[0] != words[-1]
+            else f"{number}-aardvark-asparagus-cinnamon-dominoes"
+        )
+        messages = []
+        for _ in range(3):
+            job = await r_api.receive(wrong, str(out), [sender.address])
+            events = [e async for e in r_api.events(job)]
+            assert events[-1]["event"] == "error"
+            messages.append(events[-1]["message"])
+            assert not any(e["event"] in ("manifest", "paired") for e in events)
+        assert messages[0].startswith("code not accepted (2 tries left)")
+        assert messages[1].startswith("code not accepted (1 try left)")
+        assert "no tries left" in messages[2]
+        # now even the right code is refused: the offer is burnt
+        job = await r_api.receive(offer["code"], str(out), [sender.address])
+        events = [e async for e in r_api.events(job)]
+        assert "burnt" in events[-1]["message"]
+        state = (await s_api._call("GET", f"/api/v1/offers/{offer['offer_id']}"))["state"]
+        assert state == "burnt"
+    assert not out.exists() or not received_files(out)
+
+
+async def test_expired_offer_is_refused(
+    nodes: tuple[NodeProc, NodeProc], study: Path, tmp_path: Path
+) -> None:
+    sender, receiver = nodes
+    async with aiohttp.ClientSession() as http:
+        s_api = NodeClient(sender.url, sender.token, http)
+        r_api = NodeClient(receiver.url, receiver.token, http)
+        offer = await s_api.create_offer(str(study), None, 1)
+        await asyncio.sleep(1.5)
+        job = await r_api.receive(offer["code"], str(tmp_path / "o"), [sender.address])
+        events = [e async for e in r_api.events(job)]
+    assert events[-1]["event"] == "error"
+    assert events[-1]["code"] == "offer-unavailable"
+    assert "expired" in events[-1]["message"]
+
+
+async def test_changed_identity_of_a_pinned_sender_is_refused_until_forgotten(
+    cli: Cli, study: Path, tmp_path: Path
+) -> None:
+    trauma = await spawn_node("Trauma Centre Radiology", tmp_path / "trauma")
+    try:
+        for attempt in range(3):
+            sender = await spawn_node("Referring Hospital ED", tmp_path / f"referring-{attempt}")
+            try:
+                send = await cli.start(
+                    "send",
+                    str(study),
+                    "--node",
+                    sender.url,
+                    "--data-dir",
+                    str(sender.data_dir),
+                    "--json",
+                )
+                offer = await cli.first_json(send, "offer")
+                got = await cli.run(
+                    "receive",
+                    offer["code"],
+                    "--from",
+                    sender.address,
+                    "--node",
+                    trauma.url,
+                    "--data-dir",
+                    str(trauma.data_dir),
+                    "--out",
+                    str(tmp_path / f"out-{attempt}"),
+                    "--json",
+                )
+                if send.returncode is None:
+                    send.kill()
+                await send.wait()
+            finally:
+                await stop_node(sender)
+            if attempt == 0:
+                assert got.code == 0, got.stdout
+            elif attempt == 1:
+                # same name, new key (a different data directory): refused loudly
+                assert got.code == 1
+                msg = got.events("error")[-1]["message"]
+                assert "pinned" in msg and "p2pshare peers forget" in msg
+                assert not (tmp_path / "out-1").exists() or not received_files(tmp_path / "out-1")
+                forgot = await cli.run(
+                    "peers",
+                    "forget",
+                    "Referring Hospital ED",
+                    "--node",
+                    trauma.url,
+                    "--data-dir",
+                    str(trauma.data_dir),
+                )
+                assert forgot.code == 0, forgot.stderr
+            else:
+                assert got.code == 0, got.stdout
+    finally:
+        await stop_node(trauma)
+
+
+async def test_several_studies_need_a_choice(cli: Cli, study: Path, tmp_path: Path) -> None:
+    from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
+
+    both = tmp_path / "both"
+    shutil.copytree(study, both / "one")
+    generate_ct_study(
+        both / "two", seed=99, series=[SeriesSpec("Spine", slices=3, rows=32, columns=32)]
+    )
+    (both / "notes.txt").write_text("not an image")
+    res = await cli.run(
+        "send", str(both), "--json", "--data-dir", str(tmp_path / "a"), "--name", "Ref"
+    )
+    assert res.code == 2
+    err = res.events("error")[0]
+    assert err["code"] == "study-choice" and len(err["studies"]) == 2
+
+
+async def test_not_dicom_input_is_a_clear_error(cli: Cli, tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "readme.txt").write_text("hello")
+    (junk / "empty.dcm").write_bytes(b"")
+    t = time.monotonic()
+    res = await cli.run("send", str(junk), "--data-dir", str(tmp_path / "a"), "--name", "Ref")
+    assert res.code == 2
+    assert "Error:" in res.stderr and "Traceback" not in res.stderr
+    assert time.monotonic() - t < 60
+    missing = await cli.run(
+        "send", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "a"), "--name", "Ref"
+    )
+    assert missing.code == 2 and "Traceback" not in missing.stderr
+
+
+async def test_garbled_code_is_explained_without_traceback(cli: Cli, tmp_path: Path) -> None:
+    res = await cli.run(
+        "receive",
+        "seven-alpha",
+        "--from",
+        "127.0.0.1:9",
+        "--out",
+        str(tmp_path / "o"),
+        "--data-dir",
+        str(tmp_path / "b"),
+        "--name",
+        "T",
+    )
+    assert res.code == 2
+    assert "offer number" in res.stderr and "Traceback" not in res.stderr
+    unreachable = await cli.run(
+        "receive",
+        "3-aardvark-asparagus-cinnamon-dominoes",
+        "--from",
+        "127.0.0.1:9",
+        "--out",
+        str(tmp_path / "o"),
+        "--data-dir",
+        str(tmp_path / "b"),
+        "--name",
+        "T",
+    )
+    assert unreachable.code != 0
+    assert "could not reach" in unreachable.stderr + unreachable.stdout
+    assert "Traceback" not in unreachable.stderr
+
+
+async def test_api_needs_the_token(nodes: tuple[NodeProc, NodeProc]) -> None:
+    sender, _ = nodes
+    async with aiohttp.ClientSession() as http:
+        for method, path in [
+            ("GET", "/api/v1/offers"),
+            ("POST", "/api/v1/offers"),
+            ("POST", "/api/v1/receive"),
+            ("GET", "/api/v1/peers"),
+            ("GET", "/api/v1/jobs/x/events"),
+        ]:
+            async with http.request(method, sender.url + path, json={}) as r:
+                assert r.status == 401, path
+            async with http.request(
+                method, sender.url + path, json={}, headers={"Authorization": "Bearer wrong"}
+            ) as r:
+                assert r.status == 401, path
+        async with http.get(sender.url + "/api/v1/info") as r:
+            assert r.status == 200 and (await r.json())["name"] == "Referring Hospital ED"
