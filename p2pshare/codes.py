@@ -86,7 +86,8 @@ class SpokenCode:
 def parse_spoken(text: str) -> SpokenCode:
     """Parse a code as a person typed it: any case, spaces/hyphens/dots, 3-letter prefixes."""
     tokens = [t for t in re.split(r"[\s\-_.,/]+", text.strip().lower()) if t]
-    if not tokens or not tokens[0].isdigit():
+    # isascii: str.isdigit() also accepts digits like "²" that int() refuses
+    if not tokens or not (tokens[0].isascii() and tokens[0].isdigit()):
         raise CodeFormatError(
             "a spoken code starts with the offer number, e.g. 7-glisten-ivory-sardine-utility"
         )
@@ -165,7 +166,7 @@ def parse_qr_uri(text: str) -> QrOffer:
             "this is not a p2pshare offer link (it should start p2pshare://offer/)"
         )
     offer_id = parts.path.strip("/")
-    if not _OFFER_ID_RE.match(offer_id):
+    if not _OFFER_ID_RE.fullmatch(offer_id):
         raise CodeFormatError("the offer link is damaged (bad offer id); scan it again")
     try:
         secret = base64.urlsafe_b64decode(parts.fragment + "=" * (-len(parts.fragment) % 4))
@@ -174,7 +175,7 @@ def parse_qr_uri(text: str) -> QrOffer:
     if len(secret) < 16:
         raise CodeFormatError("the offer link is incomplete (its secret is missing); scan it again")
     q = parse_qs(parts.query)
-    addresses = tuple(a for a in q.get("a", []) if _ADDR_RE.match(a))
+    addresses = tuple(a for a in q.get("a", []) if _ADDR_RE.fullmatch(a))
     try:
         expires = int(q.get("exp", ["0"])[0])
     except ValueError:
@@ -197,4 +198,4 @@ def parse_any(text: str) -> SpokenCode | QrOffer:
 
 
 def is_address(text: str) -> bool:
-    return bool(_ADDR_RE.match(text))
+    return bool(_ADDR_RE.fullmatch(text))

@@ -32,6 +32,7 @@ import nacl.exceptions
 import nacl.hash
 import nacl.signing
 from spake2 import SPAKE2_A, SPAKE2_B
+from spake2.ed25519_basic import NotOnCurve
 from spake2.spake2 import SPAKEError
 
 from p2pshare.errors import ConfigError, CryptoError
@@ -95,6 +96,9 @@ def seal(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
 
 def open_sealed(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> bytes:
     """Decrypt a sealed record. Raises CryptoError if anything was altered."""
+    if len(ciphertext) < TAG_BYTES:
+        # libsodium's binding fails on these with a bare ValueError ("negative array length")
+        raise CryptoError("a sealed record failed authentication")
     try:
         return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
             ciphertext, aad, counter_nonce(counter), key
@@ -179,5 +183,5 @@ class Pake:
         """Return the shared 32-byte key. A wrong password gives a different key, not an error."""
         try:
             return bytes(self._state.finish(peer_message))
-        except (SPAKEError, ValueError, TypeError, AssertionError) as exc:
+        except (SPAKEError, NotOnCurve, ValueError, TypeError, AssertionError) as exc:
             raise CryptoError("the peer's key-exchange message is malformed") from exc

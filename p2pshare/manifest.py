@@ -20,6 +20,7 @@ from p2pshare.errors import ManifestError
 MANIFEST_VERSION = 1
 
 #: DICOM PS3.5 §9.1: digits and dots, components without leading zeros, at most 64 characters.
+#: Always use ``fullmatch``: with ``match``, ``$`` also matches before a trailing newline.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -33,7 +34,7 @@ MAX_TEXT = 256
 
 def is_uid(value: object) -> bool:
     """True when ``value`` is a syntactically valid DICOM UID."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.fullmatch(value))
 
 
 def uid_filename(uid: str) -> str:
@@ -182,7 +183,9 @@ class Manifest:
     def from_bytes(cls, data: bytes) -> Manifest:
         try:
             raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # ValueError also covers integers beyond Python's 4300-digit limit; RecursionError
+        # deeply nested arrays
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ManifestError("it is not valid JSON") from exc
         return cls.from_dict(raw)
 
@@ -221,7 +224,7 @@ class Manifest:
                 raise ManifestError(f"instance {sop} is listed twice")
             seen.add(sop)
             sha = e.get("sha256")
-            if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+            if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
                 raise ManifestError(f"instance {sop} has no valid SHA-256")
             instances.append(
                 Instance(

@@ -83,7 +83,8 @@ def load_json(body: bytes, what: str) -> dict[str, Any]:
     """Parse a JSON object from the peer; anything else is a protocol violation."""
     try:
         obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError covers JSONDecodeError and integers beyond Python's 4300-digit limit
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"the peer sent a malformed {what} message") from exc
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"the peer sent a malformed {what} message")

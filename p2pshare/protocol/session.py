@@ -472,9 +472,18 @@ class SenderSession(_Session):
             self.peer_key, self.peer_name = pk, name
             self.state = SenderState.AWAIT_TRUST
             self._events.append(ev.PeerIdentity(pk, name, crypto.fingerprint(pk)))
-        elif ftype is FrameType.SEALED and st is SenderState.AWAIT_CONFIRM:
+        elif ftype is FrameType.SEALED and st in (
+            SenderState.AWAIT_TRUST,
+            SenderState.AWAIT_CONFIRM,
+        ):
             inner, payload = self._open(body)
-            if inner is not Inner.CONFIRM_R:
+            if inner is Inner.ERROR:
+                # The receiver refused our identity (e.g. a pinned key changed) or gave up
+                # while pairing; it seals that with its handshake key.
+                self._events.append(self._remote_error(load_json(payload, "error")))
+                self.state = SenderState.ERROR
+                return
+            if inner is not Inner.CONFIRM_R or st is not SenderState.AWAIT_CONFIRM:
                 raise RemoteProtocolError("the receiver sent an unexpected message while pairing")
             msg = load_json(payload, "confirmation")
             sig = _unb64(msg.get("sig"), "signature", crypto.SIGNATURE_BYTES)
@@ -634,9 +643,12 @@ class ReceiverSession(_Session):
         require(self.state is ReceiverState.AWAIT_DECISION, f"accept in state {self.state}")
         assert self.manifest is not None
         have = dict(have or {})
+        count = len(self.manifest.instances)
         for fi, n in have.items():
+            require(0 <= fi < count, f"file #{fi} is not in the manifest")
             require(n == self.manifest.chunk_count(fi), "only whole files can be skipped")
-            self.verified.add(fi)
+        # Validate everything before touching any state: a refused call changes nothing.
+        self.verified.update(have)
         self._have = have
         self._plan = deque(transfer_plan(self.manifest, have))
         self._seal(Inner.ACCEPT, dump_json({"have": {str(k): v for k, v in have.items()}}))
@@ -867,7 +879,8 @@ def _parse_have(raw: object, manifest: Manifest) -> dict[int, int]:
         raise RemoteProtocolError("the receiver sent a malformed resume list")
     have: dict[int, int] = {}
     for k, v in raw.items():
-        if not isinstance(k, str) or not k.isdigit() or not isinstance(v, int):
+        # isascii: str.isdigit() also accepts digits like "²" that int() refuses
+        if not isinstance(k, str) or not (k.isascii() and k.isdigit()) or not isinstance(v, int):
             raise RemoteProtocolError("the receiver sent a malformed resume list")
         fi = int(k)
         if fi >= len(manifest.instances) or not 0 <= v <= manifest.chunk_count(fi):

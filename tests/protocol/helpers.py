@@ -16,6 +16,7 @@ from p2pshare import crypto
 from p2pshare.errors import RemoteProtocolError
 from p2pshare.manifest import Instance, Manifest, Series
 from p2pshare.protocol import events as ev
+from p2pshare.protocol.frames import CHUNK_HEADER, MAX_FRAME, FrameBuffer, FrameType, encode
 from p2pshare.protocol.session import ReceiverSession, SenderSession
 
 OFFER_ID = "0123456789abcdef0123456789abcdef"
@@ -57,11 +58,17 @@ def make_manifest(files: list[bytes], chunk_size: int = 4096) -> Manifest:
 
 
 def make_pair(
-    password_r: bytes = PASSWORD, window: int = 4, seed: int = 1
+    password_r: bytes = PASSWORD,
+    window: int = 4,
+    seed: int = 1,
+    *,
+    offer_ref: str = OFFER_ID,
+    spoken: bool = False,
+    sender_cls: type[SenderSession] = SenderSession,
 ) -> tuple[SenderSession, ReceiverSession, crypto.Identity, crypto.Identity]:
     ids = crypto.Identity.generate(seeded(seed))
     idr = crypto.Identity.generate(seeded(seed + 100))
-    sender = SenderSession(
+    sender = sender_cls(
         name="Referring Hospital ED",
         public_key=ids.public_key,
         sign=ids.sign,
@@ -72,8 +79,8 @@ def make_pair(
         name="Trauma Centre Radiology",
         public_key=idr.public_key,
         sign=idr.sign,
-        offer_ref=OFFER_ID,
-        spoken=False,
+        offer_ref=offer_ref,
+        spoken=spoken,
         password=password_r,
         entropy=seeded(seed + 2),
     )
@@ -81,6 +88,8 @@ def make_pair(
 
 
 Tamper = Callable[[str, bytes], bytes]
+#: Driver hook: return True when the test handled the event itself (the default answer is skipped).
+Hook = Callable[[object, ev.Event], bool]
 
 
 @dataclass
@@ -94,6 +103,9 @@ class Outcome:
     sender_error: RemoteProtocolError | None = None
     receiver_error: RemoteProtocolError | None = None
     wire_s2r: list[bytes] = field(default_factory=list)
+    wire_r2s: list[bytes] = field(default_factory=list)
+    #: the largest ``sender.unacked`` seen right after any chunk was sent
+    max_unacked: int = 0
 
 
 def run(
@@ -107,21 +119,27 @@ def run(
     sender_password: bytes = PASSWORD,
     tries_left: int = 2,
     max_rounds: int = 100_000,
+    tamper_r2s: Tamper | None = None,
+    have: dict[int, int] | None = None,
+    on_sender_event: Hook | None = None,
+    on_receiver_event: Hook | None = None,
 ) -> Outcome:
-    """Drive both sessions until both stop; every byte from S to R passes ``tamper_s2r``."""
+    """Drive both sessions until both stop; every byte from S to R passes ``tamper_s2r``
+    (and from R to S ``tamper_r2s``).
+
+    With ``split`` each direction's bytes are cut into pieces, and the receiving session is
+    asked for events after every single piece (h11 style). ``on_*_event`` hooks see every event
+    first and may answer it themselves (return True) to play a misbehaving or refusing peer.
+    """
     out = Outcome()
     partial: dict[int, bytearray] = {}
-    receiver.start()
-    r2s = receiver.data_to_send()
-    s2r = b""
-    for _ in range(max_rounds):
-        # receiver → sender
-        if r2s:
-            for piece in split(r2s) if split else [r2s]:
-                sender.receive_data(piece)
+
+    def drain_sender() -> None:
         try:
             while (e := sender.next_event()) is not None:
                 out.sender_events.append(e)
+                if on_sender_event and on_sender_event(sender, e):
+                    continue
                 if isinstance(e, ev.OfferRequest):
                     sender.use_offer(OFFER_ID, sender_password)
                 elif isinstance(e, ev.CodeMismatch):
@@ -134,25 +152,17 @@ def run(
                     sender.close()
         except RemoteProtocolError as exc:
             out.sender_error = exc
-        while sender.window_open:
-            nxt = sender.next_chunk()
-            assert nxt is not None
-            fi, ci, off, length = nxt
-            sender.send_chunk(fi, ci, files[fi][off : off + length])
-        s2r = sender.data_to_send()
-        if s2r:
-            out.wire_s2r.append(s2r)
-            if tamper_s2r:
-                s2r = tamper_s2r("s2r", s2r)
-            for piece in split(s2r) if split else [s2r]:
-                receiver.receive_data(piece)
+
+    def drain_receiver() -> None:
         try:
             while (e := receiver.next_event()) is not None:
                 out.receiver_events.append(e)
+                if on_receiver_event and on_receiver_event(receiver, e):
+                    continue
                 if isinstance(e, ev.PeerIdentity):
                     receiver.trust_peer()
                 elif isinstance(e, ev.ManifestOffer):
-                    receiver.accept()
+                    receiver.accept(have)
                 elif isinstance(e, ev.Chunk):
                     partial.setdefault(e.file_index, bytearray()).extend(e.data)
                 elif isinstance(e, ev.FileVerified):
@@ -168,7 +178,121 @@ def run(
                         receiver.refuse("incomplete", "some files failed verification")
         except RemoteProtocolError as exc:
             out.receiver_error = exc
+
+    receiver.start()
+    r2s = receiver.data_to_send()
+    s2r = b""
+    for _ in range(max_rounds):
+        # receiver → sender
+        if r2s:
+            out.wire_r2s.append(r2s)
+            if tamper_r2s:
+                r2s = tamper_r2s("r2s", r2s)
+            for piece in split(r2s) if split else [r2s]:
+                sender.receive_data(piece)
+                drain_sender()
+        else:
+            drain_sender()
+        while sender.window_open:
+            nxt = sender.next_chunk()
+            assert nxt is not None
+            fi, ci, off, length = nxt
+            sender.send_chunk(fi, ci, files[fi][off : off + length])
+            out.max_unacked = max(out.max_unacked, sender.unacked)
+        s2r = sender.data_to_send()
+        if s2r:
+            out.wire_s2r.append(s2r)
+            if tamper_s2r:
+                s2r = tamper_s2r("s2r", s2r)
+            for piece in split(s2r) if split else [s2r]:
+                receiver.receive_data(piece)
+                drain_receiver()
+        else:
+            drain_receiver()
         r2s = receiver.data_to_send()
         if not r2s and not s2r and not sender.window_open:
             break
     return out
+
+
+# -- working on whole frames ------------------------------------------------------------------
+
+
+def split_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Cut bytes that hold only whole frames (as ``data_to_send`` returns them) into frames."""
+    buf = FrameBuffer(MAX_FRAME)
+    buf.feed(data)
+    frames: list[tuple[int, bytes]] = []
+    while (frame := buf.next_frame()) is not None:
+        frames.append(frame)
+    assert buf.buffered == 0, "trailing partial frame"
+    return frames
+
+
+@dataclass
+class WireFrame:
+    """One frame as it crossed the wire, numbered in stream order."""
+
+    ftype: int
+    body: bytes
+    index: int  # among all frames in this direction
+    chunk_no: int | None  # among CHUNK frames, or None
+    sealed_no: int | None  # among SEALED frames, or None
+
+    @property
+    def chunk(self) -> tuple[int, int, int]:
+        """(file index, chunk index, flags) of a CHUNK frame."""
+        return CHUNK_HEADER.unpack(self.body[: CHUNK_HEADER.size])
+
+
+def wire_frames(blobs: list[bytes]) -> list[WireFrame]:
+    """Every frame in the recorded blobs (e.g. ``Outcome.wire_s2r``), numbered."""
+    tamper = FrameTamper(lambda f: [(f.ftype, f.body)])
+    for blob in blobs:
+        tamper("s2r", blob)
+    return tamper.seen
+
+
+class FrameTamper:
+    """A ``tamper_s2r`` hook that edits whole frames.
+
+    ``edit(frame)`` returns the frames to put on the wire in its place, as ``(type, body)``
+    pairs: ``[]`` drops it, two entries inject one, a held frame can be emitted later.
+    """
+
+    def __init__(self, edit: Callable[[WireFrame], list[tuple[int, bytes]]]) -> None:
+        self.edit = edit
+        self.seen: list[WireFrame] = []
+        self._chunks = 0
+        self._sealed = 0
+
+    def __call__(self, direction: str, data: bytes) -> bytes:
+        out: list[bytes] = []
+        for ftype, body in split_frames(data):
+            chunk_no = sealed_no = None
+            if ftype == 0x11:
+                chunk_no, self._chunks = self._chunks, self._chunks + 1
+            elif ftype == 0x10:
+                sealed_no, self._sealed = self._sealed, self._sealed + 1
+            frame = WireFrame(ftype, body, len(self.seen), chunk_no, sealed_no)
+            self.seen.append(frame)
+            out.extend(encode(t, b) for t, b in self.edit(frame))  # type: ignore[arg-type]
+        return b"".join(out)
+
+
+def flip(data: bytes, pos: int, bit: int = 0) -> bytes:
+    """``data`` with one bit flipped (``pos`` may be negative)."""
+    b = bytearray(data)
+    b[pos] ^= 1 << bit
+    return bytes(b)
+
+
+def forge_chunk(
+    sender: SenderSession, file_index: int, chunk_index: int, data: bytes, flags: int
+) -> bytes:
+    """A CHUNK frame sealed with the sender's real keys and next counter, but with whatever
+    header and plaintext a hostile sender chooses (the honest ``send_chunk`` refuses this)."""
+    header = CHUNK_HEADER.pack(file_index, chunk_index, flags)
+    ct = crypto.seal(sender._send_key, sender._send_ctr, data, sender._aad(FrameType.CHUNK, header))
+    sender._send_ctr += 1
+    return encode(FrameType.CHUNK, header + ct)
