@@ -45,7 +45,7 @@ class NodeConfig:
     advertise: tuple[str, ...] = ()
     offer_expiry_s: int = DEFAULT_EXPIRY_S
     chunk_size: int = 1024 * 1024
-    window: int = 8
+    window: int = 16
     #: Refuse studies larger than this many bytes (a peer cannot fill the disk).
     max_study_bytes: int = 64 * 1024**3
     #: Keep at least this much disk free after a study is written.

@@ -8,9 +8,9 @@ so memory stays bounded whatever the study size.
 A file goes ``<staging>/<index>.part`` → checked (hash already matched in the protocol session;
 here its DICOM header must name the instance and study the manifest promised) → renamed to
 ``<out>/<study UID>/<series UID>/<SOP UID>.dcm``. Nothing else is ever written below ``out``.
-Durability is settled once, with ``sync()``, before the receipt is signed, rather than by one
-``fsync`` per file (which serialised every file creation behind the journal and halved the
-throughput); after a crash before the receipt, nothing of the study counts as received.
+Durability: each file's data is flushed (``fdatasync``) on the disk thread before its rename, so
+a file under its final name is always complete on disk; the folders are synced once before the
+receipt, so the receipt never promises a file a crash could still take back.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Staging:
         self._pending: deque[asyncio.Future[Any]] = deque()
         self._fh: IO[bytes] | None = None  # touched only on the worker thread
         self._error: BaseException | None = None
+        self._dirs: set[Path] = set()  # folders that received files (worker thread only)
         staging_dir.mkdir(parents=True, exist_ok=True)
 
     # -- called on the event loop ---------------------------------------------------------------
@@ -73,9 +74,9 @@ class Staging:
         self._raise_if_failed()
 
     async def sync(self) -> None:
-        """Flush everything written to stable storage (once, before the receipt)."""
+        """Make the renames durable too (once, before the receipt)."""
         await self.settle()
-        await asyncio.get_running_loop().run_in_executor(self._pool, os.sync)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._sync_dirs)
 
     async def close(self, *, remove_staging: bool) -> None:
         with contextlib.suppress(BaseException):
@@ -143,6 +144,9 @@ class Staging:
         self._part(file_index).unlink(missing_ok=True)
 
     def _place_sync(self, file_index: int) -> str | None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fdatasync(self._fh.fileno())
         self._close_sync()
         inst = self.manifest.instances[file_index]
         part = self._part(file_index)
@@ -153,7 +157,16 @@ class Staging:
             return problem
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
+        self._dirs.update((final.parent, final.parent.parent))
         return None
+
+    def _sync_dirs(self) -> None:
+        for d in sorted(self._dirs | {self.out_dir}):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _check(self, part: Path, final: Path, sop_uid: str) -> str | None:
         if self._root not in final.resolve().parents:

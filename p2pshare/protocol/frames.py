@@ -79,10 +79,10 @@ def dump_json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
-def load_json(body: bytes, what: str) -> dict[str, Any]:
+def load_json(body: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
     """Parse a JSON object from the peer; anything else is a protocol violation."""
     try:
-        obj = json.loads(body.decode("utf-8"))
+        obj = json.loads(bytes(body).decode("utf-8"))
     # ValueError covers JSONDecodeError and integers beyond Python's 4300-digit limit
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"the peer sent a malformed {what} message") from exc
@@ -92,15 +92,30 @@ def load_json(body: bytes, what: str) -> dict[str, Any]:
 
 
 class FrameBuffer:
-    """Reassembles frames from arbitrarily split input."""
+    """Reassembles frames from arbitrarily split input.
+
+    The common case, a piece of input holding whole frames, costs no copy: the input is kept as
+    it came (immutable ``bytes``) and frames are handed out as memoryviews into it. Only a frame
+    split across pieces is assembled in a bytearray (and then copied out, because a bytearray
+    with views into it could not grow).
+    """
 
     def __init__(self, max_frame: int = MAX_HANDSHAKE_FRAME) -> None:
         self.max_frame = max_frame
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
 
-    def feed(self, data: bytes) -> None:
-        if self._pos and self._pos > len(self._buf) // 2:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self.buffered == 0:
+            self._buf = data if isinstance(data, bytes) else bytes(data)
+            self._pos = 0
+            return
+        if isinstance(self._buf, bytes):
+            self._buf = bytearray(memoryview(self._buf)[self._pos :])
+            self._pos = 0
+        elif self._pos > len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
@@ -109,7 +124,7 @@ class FrameBuffer:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def next_frame(self) -> tuple[int, bytes] | None:
+    def next_frame(self) -> tuple[int, bytes | memoryview] | None:
         """Return ``(type, body)`` for the next complete frame, or None if more bytes are needed.
 
         Raises:
@@ -128,10 +143,15 @@ class FrameBuffer:
         end = self._pos + 4 + length
         if len(self._buf) < end:
             return None
-        body = bytes(self._buf[self._pos + HEADER.size : end])
+        start = self._pos + HEADER.size
+        body: bytes | memoryview
+        if isinstance(self._buf, bytes):
+            body = memoryview(self._buf)[start:end]
+        else:
+            body = bytes(self._buf[start:end])
         self._pos = end
         if self._pos == len(self._buf):
-            self._buf.clear()
+            self._buf = b""
             self._pos = 0
         return ftype, body
 

@@ -22,7 +22,7 @@ The receiver (R) opens the connection; the sender (S) holds the offer::
     Paired                                   ◄─────       MANIFEST {manifest, sig}   (data keys from here)
     ManifestOffer → accept(have)             ─────►       Accepted
                                              ◄─────       [STATUS …] CHUNK … CHUNK  (window-limited)
-    Chunk / FileVerified / FileRejected      ─────►  ACK  (one per chunk; opens the window)
+    Chunk / FileVerified / FileRejected      ─────►  ACK  (every half window; reopens it)
                                              ◄─────       DONE
     SenderDone → send_receipt(now)           ─────►       Receipt → CLOSE
     Closed                                   ◄─────
@@ -56,6 +56,7 @@ from p2pshare.protocol import events as ev
 from p2pshare.protocol.frames import (
     CHUNK_HEADER,
     FLAG_LAST,
+    HEADER,
     MAX_FRAME,
     FrameBuffer,
     FrameType,
@@ -70,7 +71,8 @@ from p2pshare.protocol.frames import (
 )
 
 PROTOCOL_VERSION = 1
-DEFAULT_WINDOW = 8
+DEFAULT_WINDOW = 16
+MAX_WINDOW = 1024
 MAX_NAME = 200
 
 Sign = Callable[[bytes], bytes]
@@ -149,7 +151,7 @@ class _Session:
         self._sign = sign
         self._entropy = entropy
         self._buf = FrameBuffer()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._events: deque[ev.Event] = deque()
         self._k = b""  # SPAKE2 key
         self._t0 = b""
@@ -169,7 +171,7 @@ class _Session:
     def receive_data(self, data: bytes) -> None:
         self._buf.feed(data)
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self) -> bytes | bytearray:
         out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         return out
@@ -224,7 +226,7 @@ class _Session:
     def _set_error(self) -> None:
         raise NotImplementedError
 
-    def _handle(self, ftype: FrameType, body: bytes) -> None:
+    def _handle(self, ftype: FrameType, body: bytes | memoryview) -> None:
         raise NotImplementedError
 
     # -- record layer -----------------------------------------------------------------------
@@ -242,12 +244,14 @@ class _Session:
         self._send_ctr += 1
         self._out.append(encode(FrameType.SEALED, ct))
 
-    def _open(self, body: bytes) -> tuple[Inner, bytes]:
+    def _open(self, body: bytes | memoryview) -> tuple[Inner, bytes]:
         if not self._recv_key:
             raise RemoteProtocolError("the peer sent a sealed message before the key exchange")
         try:
-            plain = crypto.open_sealed(
-                self._recv_key, self._recv_ctr, body, self._aad(FrameType.SEALED)
+            plain = bytes(
+                crypto.open_sealed(
+                    self._recv_key, self._recv_ctr, body, self._aad(FrameType.SEALED)
+                )
             )
         except CryptoError:
             raise RemoteProtocolError(
@@ -379,7 +383,9 @@ class SenderSession(_Session):
         data = manifest.to_bytes()
         digest = hashlib.sha256(data).hexdigest()
         sig = self._sign(b"p2pshare/1 manifest\0" + digest.encode())
-        extra_json = dump_json(extra or {})
+        # The window travels with the manifest so the receiver can acknowledge in batches
+        # (half a window at a time) without ever leaving the sender stalled.
+        extra_json = dump_json({**(extra or {}), "window": self.window})
         self._seal(
             Inner.MANIFEST,
             len(data).to_bytes(4, "big") + data + sig + extra_json,
@@ -422,9 +428,17 @@ class SenderSession(_Session):
         require(len(data) == nxt[3], f"chunk {file_index}/{chunk_index} has the wrong length")
         last = chunk_index == self.manifest.chunk_count(file_index) - 1
         header = CHUNK_HEADER.pack(file_index, chunk_index, FLAG_LAST if last else 0)
-        ct = crypto.seal(self._send_key, self._send_ctr, data, self._aad(FrameType.CHUNK, header))
+        # Frame header, chunk header and ciphertext are written into one buffer (no copies).
+        prefix = HEADER.pack(1 + len(header) + len(data) + crypto.TAG_BYTES, FrameType.CHUNK)
+        frame = crypto.seal_after(
+            prefix + header,
+            self._send_key,
+            self._send_ctr,
+            data,
+            self._aad(FrameType.CHUNK, header),
+        )
         self._send_ctr += 1
-        self._out.append(encode(FrameType.CHUNK, header + ct))
+        self._out.append(frame)
         self._plan.popleft()
         self._sent += 1
         if not self._plan:
@@ -437,7 +451,7 @@ class SenderSession(_Session):
 
     # -- incoming ---------------------------------------------------------------------------
 
-    def _handle(self, ftype: FrameType, body: bytes) -> None:
+    def _handle(self, ftype: FrameType, body: bytes | memoryview) -> None:
         st = self.state
         if ftype is FrameType.HELLO and st is SenderState.AWAIT_HELLO:
             hello = load_json(body, "hello")
@@ -592,6 +606,7 @@ class ReceiverSession(_Session):
         self._plan: deque[tuple[int, int]] = deque()
         self._hash: Any = None
         self._stored = 0
+        self._ack_every = 1
         self.verified: set[int] = set()
         self.rejected: dict[int, str] = {}
         self._have: dict[int, int] = {}
@@ -680,7 +695,7 @@ class ReceiverSession(_Session):
 
     # -- incoming ---------------------------------------------------------------------------
 
-    def _handle(self, ftype: FrameType, body: bytes) -> None:
+    def _handle(self, ftype: FrameType, body: bytes | memoryview) -> None:
         st = self.state
         if ftype is FrameType.PAKE and st is ReceiverState.AWAIT_PAKE:
             msg = load_json(body, "key exchange")
@@ -800,6 +815,10 @@ class ReceiverSession(_Session):
         if manifest.to_bytes() != data:
             raise ManifestError("it is not in canonical form")
         extra = load_json(extra_raw, "manifest extras") if extra_raw else {}
+        window = extra.get("window", 1)
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+            raise RemoteProtocolError("the sender announced an impossible window")
+        self._ack_every = max(1, window // 2)
         self.manifest = manifest
         self.manifest_digest = digest
         self.state = ReceiverState.AWAIT_DECISION
@@ -809,11 +828,11 @@ class ReceiverSession(_Session):
         assert self.manifest is not None
         return f"instance {self.manifest.instances[fi].sop_instance_uid}"
 
-    def _handle_chunk(self, body: bytes) -> None:
+    def _handle_chunk(self, body: bytes | memoryview) -> None:
         assert self.manifest is not None
         if len(body) < CHUNK_HEADER.size + crypto.TAG_BYTES:
             raise RemoteProtocolError("the sender sent a truncated chunk")
-        header = body[: CHUNK_HEADER.size]
+        header = bytes(body[: CHUNK_HEADER.size])
         fi, ci, flags = CHUNK_HEADER.unpack(header)
         if not self._plan:
             raise RemoteProtocolError("the sender sent more chunks than the manifest lists")
@@ -856,7 +875,8 @@ class ReceiverSession(_Session):
         self._hash.update(data)
         self._events.append(ev.Chunk(efi, eci, eci * self.manifest.chunk_size, data, last))
         self._stored += 1
-        self._seal(Inner.ACK, dump_json({"chunks": self._stored}))
+        if self._stored % self._ack_every == 0 or not self._plan:
+            self._seal(Inner.ACK, dump_json({"chunks": self._stored}))
         if last:
             if self._hash.hexdigest() == self.manifest.instances[efi].sha256:
                 self.verified.add(efi)

@@ -224,7 +224,7 @@ def split_frames(data: bytes) -> list[tuple[int, bytes]]:
     buf.feed(data)
     frames: list[tuple[int, bytes]] = []
     while (frame := buf.next_frame()) is not None:
-        frames.append(frame)
+        frames.append((frame[0], bytes(frame[1])))
     assert buf.buffered == 0, "trailing partial frame"
     return frames
 

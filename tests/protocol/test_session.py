@@ -123,7 +123,7 @@ def test_happy_path_delivers_identical_files_and_a_signed_receipt():
     assert isinstance(offer, ev.ManifestOffer)
     assert offer.manifest == MANIFEST
     assert offer.digest == digest == receiver.manifest_digest
-    assert offer.extra == {}
+    assert offer.extra == {"window": 4}  # the sender announces its window
     crypto.verify_signature(
         ids.public_key, b"p2pshare/1 manifest\0" + digest.encode(), offer.signature
     )
@@ -192,7 +192,7 @@ def test_manifest_extras_and_status_reach_the_receiver():
     out = run(sender, receiver, FILES, MANIFEST, on_sender_event=on_sender)
     assert_complete(out, FILES, sender, receiver)
     offer = next(e for e in out.receiver_events if isinstance(e, ev.ManifestOffer))
-    assert offer.extra == {"reason": "trauma", "urgent": True}
+    assert offer.extra == {"reason": "trauma", "urgent": True, "window": 4}
     # the status sealed after the manifest reaches the receiver after the offer was accepted
     statuses = [e for e in out.receiver_events if isinstance(e, ev.Status)]
     assert statuses == [ev.Status("waiting-consent", {"who": "radiologist"})]
