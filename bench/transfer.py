@@ -36,7 +36,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from p2pshare.demo import free_port, spawn_node, stop_node, tree_hashes, transfer  # noqa: E402
+from p2pshare.demo import free_port, spawn_node, stop_node, transfer, tree_hashes  # noqa: E402
 from p2pshare.dicom.synthetic import bench_series, generate_ct_study  # noqa: E402
 
 

@@ -85,7 +85,7 @@ class Output:
                 total=total,
                 unit="B",
                 unit_scale=True,
-                unit_divisor=1024,
+                unit_divisor=1000,
                 desc=unit_label,
                 file=sys.stderr,
                 leave=False,
@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Error: name the institution to forget", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return asyncio.run(args.func(args, out))
+        status: int = asyncio.run(args.func(args, out))
+        return status
     except KeyboardInterrupt:
         out.close_bar()
         print("Interrupted; the offer was cancelled.", file=sys.stderr)

@@ -56,7 +56,7 @@ class Staging:
 
     # -- called on the event loop ---------------------------------------------------------------
 
-    async def write(self, file_index: int, chunk_index: int, data: bytes) -> None:
+    async def write(self, file_index: int, chunk_index: int, data: bytes | bytearray) -> None:
         await self._submit(self._write_sync, file_index, chunk_index, data)
 
     async def verified(self, file_index: int) -> None:
@@ -132,7 +132,7 @@ class Staging:
             self._fh.close()
             self._fh = None
 
-    def _write_sync(self, file_index: int, chunk_index: int, data: bytes) -> None:
+    def _write_sync(self, file_index: int, chunk_index: int, data: bytes | bytearray) -> None:
         if chunk_index == 0:
             self._close_sync()
             self._fh = open(self._part(file_index), "wb")  # noqa: SIM115 - spans calls

@@ -223,7 +223,7 @@ class Store:
             row = self.db.execute(
                 "SELECT failed_attempts, state FROM offers WHERE id = ?", (offer_id,)
             ).fetchone()
-            left = max(0, MAX_FAILED_ATTEMPTS - row[0])
+            left = max(0, MAX_FAILED_ATTEMPTS - int(row[0]))
             if left == 0 and row[1] == ACTIVE:
                 self.db.execute("UPDATE offers SET state = ? WHERE id = ?", (BURNT, offer_id))
         return left

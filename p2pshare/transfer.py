@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 import aiohttp
 from aiohttp import web
@@ -62,7 +62,7 @@ class Channel(Protocol):
 
     peer_address: str
 
-    async def send(self, data: bytes) -> None: ...
+    async def send(self, data: bytes | bytearray) -> None: ...
 
     async def recv(self) -> bytes | None:
         """Next bytes, or None once the peer closed."""
@@ -79,9 +79,10 @@ class WsChannel:
         self._ws = ws
         self.peer_address = peer_address
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
         try:
-            await self._ws.send_bytes(data)
+            # aiohttp takes any bytes-like object (it checks at run time); its hint says bytes.
+            await self._ws.send_bytes(cast(bytes, data))
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             raise ConnectionLost("the connection to the peer was lost") from exc
 

@@ -78,7 +78,7 @@ class Chunk(Event):
     file_index: int
     chunk_index: int
     offset: int
-    data: bytes = field(repr=False)
+    data: bytes | bytearray = field(repr=False)
     last: bool
 
 

@@ -313,3 +313,34 @@ async def test_api_needs_the_token(nodes: tuple[NodeProc, NodeProc]) -> None:
                 assert r.status == 401, path
         async with http.get(sender.url + "/api/v1/info") as r:
             assert r.status == 200 and (await r.json())["name"] == "Referring Hospital ED"
+
+
+async def test_offer_survives_a_restart_of_the_sending_node(cli: Cli, study: Path, tmp_path: Path) -> None:
+    sender = await spawn_node("Referring Hospital ED", tmp_path / "referring")
+    async with aiohttp.ClientSession() as http:
+        offer = await NodeClient(sender.url, sender.token, http).create_offer(str(study), None, None)
+    await stop_node(sender)
+    # same data directory (a new port here): the waiting offer is still there after the restart
+    restarted = await spawn_node("Referring Hospital ED", tmp_path / "referring")
+    try:
+        got = await cli.run(
+            "receive", offer["code"], "--from", restarted.address, "--out", str(tmp_path / "out"),
+            "--json", "--data-dir", str(tmp_path / "trauma"), "--name", "Trauma Centre Radiology",
+        )
+        assert got.code == 0, got.stdout + got.stderr
+        assert tree_hashes(tmp_path / "out") == tree_hashes(study)
+        assert got.events("paired")[0]["fingerprint"] == offer["fingerprint"]
+    finally:
+        await stop_node(restarted)
+
+
+async def test_demo_runs_end_to_end(cli: Cli, tmp_path: Path) -> None:
+    res = await cli.run("demo", "--json", "--workdir", str(tmp_path / "demo"), timeout=180)
+    assert res.code == 0, res.stdout + res.stderr
+    result = res.events("result")[0]
+    assert result["verified"] is True
+    assert result["instances"] > 50
+    assert result["mb_per_s"] > 0 and result["pairing_s"] > 0
+    assert all(v > 0 for v in result["peak_rss_mb"].values())
+    received = tmp_path / "demo" / "received"
+    assert tree_hashes(received) == tree_hashes(tmp_path / "demo" / "study")
