@@ -81,8 +81,14 @@ class WsChannel:
 
     async def send(self, data: bytes | bytearray) -> None:
         try:
-            # aiohttp takes any bytes-like object (it checks at run time); its hint says bytes.
-            await self._ws.send_bytes(cast(bytes, data))
+            # A peer that stops reading must not hold this connection (and its memory) forever.
+            async with asyncio.timeout(IDLE_TIMEOUT_S):
+                # aiohttp takes any bytes-like object (it checks at run time); its hint says bytes.
+                await self._ws.send_bytes(cast(bytes, data))
+        except TimeoutError as exc:
+            raise ConnectionLost(
+                f"the peer stopped reading for {IDLE_TIMEOUT_S:.0f} seconds"
+            ) from exc
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             raise ConnectionLost("the connection to the peer was lost") from exc
 
@@ -261,6 +267,11 @@ class _SenderRun:
                 self.s.refuse(f"offer-{state}", OfferUnavailable(state).message)
                 self._done = True
                 return
+            # Only the connection that claimed the offer may be stopped by cancelling it; a
+            # hostile connection naming the same offer never replaces it here.
+            task = asyncio.current_task()
+            if task is not None:
+                e.running[self.offer_id] = task
             offer = e.store.get_offer(self.offer_id)
             assert offer is not None
             e.store.set_offer_state(
@@ -345,9 +356,6 @@ class _SenderRun:
             return
         self.offer_id = offer.id
         self.job = e.offer_job(offer.id)
-        task = asyncio.current_task()
-        if task is not None:
-            e.running[offer.id] = task
         password = (
             codes.parse_spoken(offer.spoken_code).password
             if event.spoken
@@ -468,6 +476,11 @@ class _ReceiverRun:
                     await self._flush()
         except RemoteProtocolError as exc:
             raise self._as_transfer_error(exc) from exc
+        except ConnectionLost:
+            # Noticed while sending an acknowledgement rather than while reading: the person
+            # still needs to hear how much arrived and what to do.
+            if self.receipt is not None or self.s.manifest is None:
+                raise
         finally:
             if self.staging is not None:
                 await self.staging.close(remove_staging=self.receipt is not None)
