@@ -315,17 +315,30 @@ async def test_api_needs_the_token(nodes: tuple[NodeProc, NodeProc]) -> None:
             assert r.status == 200 and (await r.json())["name"] == "Referring Hospital ED"
 
 
-async def test_offer_survives_a_restart_of_the_sending_node(cli: Cli, study: Path, tmp_path: Path) -> None:
+async def test_offer_survives_a_restart_of_the_sending_node(
+    cli: Cli, study: Path, tmp_path: Path
+) -> None:
     sender = await spawn_node("Referring Hospital ED", tmp_path / "referring")
     async with aiohttp.ClientSession() as http:
-        offer = await NodeClient(sender.url, sender.token, http).create_offer(str(study), None, None)
+        offer = await NodeClient(sender.url, sender.token, http).create_offer(
+            str(study), None, None
+        )
     await stop_node(sender)
     # same data directory (a new port here): the waiting offer is still there after the restart
     restarted = await spawn_node("Referring Hospital ED", tmp_path / "referring")
     try:
         got = await cli.run(
-            "receive", offer["code"], "--from", restarted.address, "--out", str(tmp_path / "out"),
-            "--json", "--data-dir", str(tmp_path / "trauma"), "--name", "Trauma Centre Radiology",
+            "receive",
+            offer["code"],
+            "--from",
+            restarted.address,
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+            "--data-dir",
+            str(tmp_path / "trauma"),
+            "--name",
+            "Trauma Centre Radiology",
         )
         assert got.code == 0, got.stdout + got.stderr
         assert tree_hashes(tmp_path / "out") == tree_hashes(study)
