@@ -1,22 +1,29 @@
 """The receiver's disk side: stage chunks, and move a file into place only once it is verified.
 
-All disk work for one transfer runs, in order, on one worker thread, so the event loop keeps
-reading and decrypting while the previous chunk is written (file writes, hashing and libsodium
-all release the GIL). At most ``max_pending`` operations are queued; the loop waits beyond that,
-so memory stays bounded whatever the study size.
+All disk work for one transfer runs off the event loop, so the loop keeps reading and decrypting
+while earlier chunks are written (file writes, hashing and libsodium release the GIL):
 
-A file goes ``<staging>/<index>.part`` → checked (hash already matched in the protocol session;
-here its DICOM header must name the instance and study the manifest promised) → renamed to
-``<out>/<study UID>/<series UID>/<SOP UID>.dcm``. Nothing else is ever written below ``out``.
-Durability: each file's data is flushed (``fdatasync``) on the disk thread before its rename, so
-a file under its final name is always complete on disk; the folders are synced once before the
-receipt, so the receipt never promises a file a crash could still take back.
+* a **write thread** appends chunks, in order, to ``<staging>/<index>.part``;
+* a **commit thread** takes every file whose hash has matched since its last round, makes their
+  data durable with one ``syncfs`` for the whole batch, checks that each file's DICOM header
+  names the instance and study the manifest promised, and renames it to
+  ``<out>/<study UID>/<series UID>/<SOP UID>.dcm``.
+
+So a file under its final name is always verified and complete on disk, and batching the flush
+(rather than one ``fdatasync`` per file, each waiting for a journal commit) lets the disk work
+while the network does: batches grow by themselves when the disk is the slower of the two. The
+folders are synced once more before the receipt, so the receipt never promises a file that a
+crash could still take back. Nothing else is ever written below ``out``.
+
+At most ``max_pending`` writes are queued; the loop waits beyond that, so memory stays bounded
+whatever the study size.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 from collections import deque
@@ -29,6 +36,18 @@ from p2pshare.dicom.verify import read_identity
 from p2pshare.errors import DicomError, TransferError
 from p2pshare.manifest import Manifest
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush every dirty page of the filesystem holding ``path`` (Linux ``syncfs``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if getattr(_libc, "syncfs", None) is None or _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
 
 class Staging:
     def __init__(
@@ -37,7 +56,7 @@ class Staging:
         staging_dir: Path,
         manifest: Manifest,
         on_placed: Callable[[int], None],
-        max_pending: int = 16,
+        max_pending: int = 32,
     ) -> None:
         self.out_dir = out_dir
         self.dir = staging_dir
@@ -47,57 +66,93 @@ class Staging:
         self._root = out_dir.resolve()
         self._on_placed = on_placed
         self._max = max_pending
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pshare-disk")
-        self._pending: deque[asyncio.Future[Any]] = deque()
-        self._fh: IO[bytes] | None = None  # touched only on the worker thread
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pshare-write")
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pshare-commit")
+        self._writes: deque[asyncio.Future[Any]] = deque()
+        self._last_write: asyncio.Future[Any] | None = None
+        self._ready: list[tuple[int, asyncio.Future[Any]]] = []
+        self._commit: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
-        self._dirs: set[Path] = set()  # folders that received files (worker thread only)
+        self._fh: IO[bytes] | None = None  # write thread only
+        self._dirs: set[Path] = set()  # commit thread only
         staging_dir.mkdir(parents=True, exist_ok=True)
 
     # -- called on the event loop ---------------------------------------------------------------
 
-    async def write(self, file_index: int, chunk_index: int, data: bytes | bytearray) -> None:
-        await self._submit(self._write_sync, file_index, chunk_index, data)
+    async def write(
+        self, file_index: int, chunk_index: int, data: bytes | bytearray, last: bool
+    ) -> None:
+        self._raise_if_failed()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(
+            self._writer, self._write_sync, file_index, chunk_index, data, last
+        )
+        fut.add_done_callback(self._failed_cb)
+        self._writes.append(fut)
+        self._last_write = fut
+        while len(self._writes) > self._max:
+            await asyncio.wait([self._writes.popleft()])
+        while self._writes and self._writes[0].done():
+            self._writes.popleft()
 
-    async def verified(self, file_index: int) -> None:
-        fut = await self._submit(self._place_sync, file_index)
-        fut.add_done_callback(lambda f: self._placed_cb(file_index, f))
+    def verified(self, file_index: int) -> None:
+        """Queue for placing a file whose last chunk was just written and whose hash matched."""
+        assert self._last_write is not None
+        self._ready.append((file_index, self._last_write))
+        if self._commit is None or self._commit.done():
+            self._commit = asyncio.ensure_future(self._commit_rounds())
 
     async def rejected(self, file_index: int, reason: str) -> None:
         self.failures[file_index] = reason
-        await self._submit(self._discard_sync, file_index)
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._writer, self._discard_sync, file_index
+        )
+        fut.add_done_callback(self._failed_cb)
+        self._writes.append(fut)
 
     async def settle(self) -> None:
-        """Wait for every queued operation; raise if the disk failed."""
-        while self._pending:
-            await asyncio.wait([self._pending.popleft()])
+        """Wait until every write and every queued placement is done; raise if the disk failed."""
+        while self._writes:
+            await asyncio.wait([self._writes.popleft()])
+        while self._commit is not None and not self._commit.done():
+            await asyncio.wait([self._commit])
         self._raise_if_failed()
 
     async def sync(self) -> None:
         """Make the renames durable too (once, before the receipt)."""
         await self.settle()
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._sync_dirs)
+        await asyncio.get_running_loop().run_in_executor(self._committer, self._sync_dirs)
 
     async def close(self, *, remove_staging: bool) -> None:
         with contextlib.suppress(BaseException):
             await self.settle()
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._close_sync)
-        self._pool.shutdown(wait=False)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._close_sync)
+        self._writer.shutdown(wait=False)
+        self._committer.shutdown(wait=False)
         if remove_staging:
             shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 self.dir.parent.rmdir()
 
-    async def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        self._raise_if_failed()
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        fut.add_done_callback(self._failed_cb)
-        self._pending.append(fut)
-        while len(self._pending) > self._max:
-            await asyncio.wait([self._pending.popleft()])
-        while self._pending and self._pending[0].done():
-            self._pending.popleft()
-        return fut
+    async def _commit_rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._ready:
+            batch, self._ready = self._ready, []
+            await asyncio.wait([written for _, written in batch])
+            indices = [fi for fi, written in batch if written.exception() is None]
+            try:
+                problems = await loop.run_in_executor(self._committer, self._commit_sync, indices)
+            except Exception as exc:  # the disk failed; settle() reports it to the person
+                if self._error is None:
+                    self._error = exc
+                return
+            for fi, problem in zip(indices, problems, strict=True):
+                if problem:
+                    uid = self.manifest.instances[fi].sop_instance_uid
+                    self.failures[fi] = f"instance {uid}: {problem}"
+                else:
+                    self.placed += 1
+                    self._on_placed(fi)
 
     def _failed_cb(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is not None and self._error is None:
@@ -111,18 +166,7 @@ class Staging:
                 f"free some space or choose another --out, then ask for the study again"
             ) from exc
 
-    def _placed_cb(self, file_index: int, fut: asyncio.Future[Any]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        problem = fut.result()
-        if problem:
-            uid = self.manifest.instances[file_index].sop_instance_uid
-            self.failures[file_index] = f"instance {uid}: {problem}"
-        else:
-            self.placed += 1
-            self._on_placed(file_index)
-
-    # -- on the worker thread -------------------------------------------------------------------
+    # -- on the write thread --------------------------------------------------------------------
 
     def _part(self, file_index: int) -> Path:
         return self.dir / f"{file_index}.part"
@@ -132,22 +176,30 @@ class Staging:
             self._fh.close()
             self._fh = None
 
-    def _write_sync(self, file_index: int, chunk_index: int, data: bytes | bytearray) -> None:
+    def _write_sync(
+        self, file_index: int, chunk_index: int, data: bytes | bytearray, last: bool
+    ) -> None:
         if chunk_index == 0:
             self._close_sync()
             self._fh = open(self._part(file_index), "wb")  # noqa: SIM115 - spans calls
         assert self._fh is not None
         self._fh.write(data)
+        if last:
+            self._close_sync()
 
     def _discard_sync(self, file_index: int) -> None:
         self._close_sync()
         self._part(file_index).unlink(missing_ok=True)
 
+    # -- on the commit thread -------------------------------------------------------------------
+
+    def _commit_sync(self, indices: list[int]) -> list[str | None]:
+        if not indices:
+            return []
+        syncfs(self.dir)
+        return [self._place_sync(fi) for fi in indices]
+
     def _place_sync(self, file_index: int) -> str | None:
-        if self._fh is not None:
-            self._fh.flush()
-            os.fdatasync(self._fh.fileno())
-        self._close_sync()
         inst = self.manifest.instances[file_index]
         part = self._part(file_index)
         final = self.out_dir / inst.relpath(self.manifest.study_instance_uid)

@@ -509,7 +509,7 @@ class _ReceiverRun:
         e = self.e
         if isinstance(event, ev.Chunk):
             assert self.staging is not None
-            await self.staging.write(event.file_index, event.chunk_index, event.data)
+            await self.staging.write(event.file_index, event.chunk_index, event.data, event.last)
             self._bytes += len(event.data)
             t = time.monotonic()
             if t - self._last_progress >= PROGRESS_EVERY_S:
@@ -517,7 +517,7 @@ class _ReceiverRun:
                 self._progress()
         elif isinstance(event, ev.FileVerified):
             assert self.staging is not None
-            await self.staging.verified(event.file_index)
+            self.staging.verified(event.file_index)
         elif isinstance(event, ev.FileRejected):
             assert self.staging is not None
             log.warning("file #%d rejected: hash mismatch", event.file_index)
@@ -603,6 +603,12 @@ class _ReceiverRun:
         e, staging = self.e, self.staging
         assert staging is not None
         await staging.sync()
+        missing = len(self.manifest.instances) - staging.placed - len(staging.failures)
+        if missing:
+            raise TransferError(
+                f"{missing} verified instance(s) could not be put in place in {self.out_dir}; "
+                f"nothing was reported complete. Check the disk and ask for the study again"
+            )
         if staging.failures:
             first = next(iter(staging.failures.values()))
             n = len(staging.failures)
