@@ -315,6 +315,7 @@ class _SenderRun:
                 manifest_sha256=event.body.get("manifest_sha256"),
                 peer=crypto.fingerprint(self.s.peer_key),
             )
+            log.info("offer %s delivered: signed receipt received", self.offer_id[:8])
             self._finish(
                 "complete",
                 receipt=event.body,
@@ -587,6 +588,13 @@ class _ReceiverRun:
                 manifest_sha256=event.digest,
                 instances=len(event.manifest.instances),
             )
+            log.info(
+                "transfer %s: manifest %s accepted (%d instances, %d bytes)",
+                self.s.transfer_id.hex()[:8],
+                event.digest[:12],
+                len(event.manifest.instances),
+                event.manifest.total_bytes,
+            )
             self.job.emit("manifest", manifest_sha256=event.digest, **event.manifest.summary())
             self.s.accept()
         elif isinstance(event, ev.Status):
@@ -627,6 +635,12 @@ class _ReceiverRun:
             verified=staging.placed,
             receipt=self.receipt,
             finished=e.now(),
+        )
+        log.info(
+            "transfer %s complete: %d instances verified, receipt for manifest %s signed",
+            self.s.transfer_id.hex()[:8],
+            staging.placed,
+            self.receipt["manifest_sha256"][:12],
         )
         e.audit(
             "receipt-signed",

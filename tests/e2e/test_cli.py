@@ -357,3 +357,81 @@ async def test_demo_runs_end_to_end(cli: Cli, tmp_path: Path) -> None:
     assert all(v > 0 for v in result["peak_rss_mb"].values())
     received = tmp_path / "demo" / "received"
     assert tree_hashes(received) == tree_hashes(tmp_path / "demo" / "study")
+
+
+async def test_logs_hold_no_code_or_patient_name_and_audit_chain_holds(
+    nodes: tuple[NodeProc, NodeProc], cli: Cli, study: Path, tmp_path: Path
+) -> None:
+    """Operator logs never carry codes, secrets or patient names; every step is audited."""
+    import pydicom
+
+    from p2pshare.store import Store
+
+    sender, receiver = nodes
+    first = next(p for p in sorted(study.rglob("*.dcm")))
+    ds = pydicom.dcmread(first, stop_before_pixels=True)
+    patient_name, patient_id = str(ds.PatientName), str(ds.PatientID)
+    send = await cli.start(
+        "send", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
+    )
+    offer = await cli.first_json(send, "offer")
+    number, *words = offer["code"].split("-")
+    wrong = "-".join([number, *reversed(words)])
+    bad = await cli.run(
+        "receive",
+        wrong,
+        "--from",
+        sender.address,
+        "--node",
+        receiver.url,
+        "--data-dir",
+        str(receiver.data_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    )
+    assert bad.code == 2
+    good = await cli.run(
+        "receive",
+        offer["code"],
+        "--from",
+        sender.address,
+        "--node",
+        receiver.url,
+        "--data-dir",
+        str(receiver.data_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    )
+    assert good.code == 0, good.stdout
+    assert (await cli.finish(send, seen=[offer])).code == 0
+
+    secret = offer["uri"].split("#", 1)[1]
+    for node in (sender, receiver):
+        text = node.log_path.read_text()
+        assert "manifest" in text  # the node did log its work…
+        for needle in [patient_name, patient_name.replace("^", " "), patient_id, secret, *words]:
+            assert needle not in text, f"{needle!r} leaked into {node.name}'s log"
+
+    s_store, r_store = Store(sender.data_dir), Store(receiver.data_dir)
+    try:
+        s_actions = [(r["action"], r["outcome"]) for r in s_store.audit.records()]
+        r_actions = [(r["action"], r["outcome"]) for r in r_store.audit.records()]
+        assert s_store.audit.verify().ok and r_store.audit.verify().ok
+        for step in [
+            ("offer-created", "ok"),
+            ("pairing-attempt", "wrong-code"),
+            ("pairing-attempt", "ok"),
+            ("transfer-started", "ok"),
+            ("receipt-received", "ok"),
+        ]:
+            assert step in s_actions, step
+        for step in [("pairing", "ok"), ("transfer-started", "ok"), ("receipt-signed", "ok")]:
+            assert step in r_actions, step
+        for rec in s_store.audit.records() + r_store.audit.records():
+            flat = str(rec)
+            assert patient_name not in flat and secret not in flat and words[0] not in flat
+    finally:
+        s_store.close()
+        r_store.close()
