@@ -131,6 +131,8 @@ async def _watch(client: NodeClient, job: str, out: Output, role: str) -> int:
             out.say("A receiver is pairing…")
         elif kind == "wrong-code":
             out.say(f"A receiver typed a wrong code ({e['tries_left']} tries left).")
+        elif kind == "peer-refused":
+            out.say(f"Refused a receiver: {e['message']}")
         elif kind == "paired":
             word = "to" if role == "send" else "from"
             first = " (first contact: identity pinned)" if e.get("first_contact") else ""

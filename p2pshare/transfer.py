@@ -229,7 +229,12 @@ class _SenderRun:
             )
             if left == 0:
                 e.audit("offer-burnt", "ok", offer=self.offer_id)
-                self._emit("burnt", message="offer burnt after too many wrong codes")
+                self._finish(
+                    "error",
+                    code="offer-burnt",
+                    message="the offer was burnt after 3 wrong codes; nothing was sent. "
+                    "Create a new offer and read the new code slowly",
+                )
             else:
                 self._emit("wrong-code", tries_left=left)
             log.warning("wrong code for offer %s (%d tries left)", self.offer_id[:8], left)
@@ -249,7 +254,8 @@ class _SenderRun:
                     fingerprint=event.fingerprint,
                     address=self.ch.peer_address,
                 )
-                self._emit("error", code=exc.code, message=exc.message)
+                # Not the end of the offer: the right receiver may still come.
+                self._emit("peer-refused", code=exc.code, message=exc.message)
                 self.s.refuse(
                     "peer-key-changed",
                     "the sending node does not trust this node's "

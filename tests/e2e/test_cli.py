@@ -151,6 +151,10 @@ async def test_wrong_codes_are_counted_and_burn_the_offer(
         assert "burnt" in events[-1]["message"]
         state = (await s_api._call("GET", f"/api/v1/offers/{offer['offer_id']}"))["state"]
         assert state == "burnt"
+        # the sending side is told too, and its job ends (a waiting `send` exits)
+        sent = [e async for e in s_api.events(offer["offer_id"])]
+        assert [e["tries_left"] for e in sent if e["event"] == "wrong-code"] == [2, 1]
+        assert sent[-1]["event"] == "error" and sent[-1]["code"] == "offer-burnt"
     assert not out.exists() or not received_files(out)
 
 
