@@ -157,6 +157,7 @@ async def connect_node(
         try:
             host, port = next(iter(runner.addresses))[:2]
             host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-            yield NodeClient(f"http://{host}:{port}", read_token(local.data_dir), http)
+            token = (local.data_dir / "api-token").read_text().strip()
+            yield NodeClient(f"http://{host}:{port}", token, http)
         finally:
             await runner.cleanup()
