@@ -135,6 +135,28 @@ class Engine:
     def audit(self, action: str, outcome: str = "ok", **detail: Any) -> None:
         self.store.audit.append(self.now(), action, outcome, **detail)
 
+    def pin_peer(self, peer: ev.PeerIdentity, address: str, **context: Any) -> bool:
+        """Trust an institution on first use; True on first contact. Both outcomes audited.
+
+        Raises:
+            PeerKeyChanged: the name is pinned to another key (the caller refuses the peer).
+        """
+        try:
+            first = self.store.check_pin(peer.name, peer.public_key, self.now(), address)
+        except PeerKeyChanged:
+            self.audit(
+                "peer-key-changed",
+                "refused",
+                name=peer.name,
+                fingerprint=peer.fingerprint,
+                address=address,
+                **context,
+            )
+            raise
+        if first:
+            self.audit("peer-pinned", "ok", name=peer.name, fingerprint=peer.fingerprint)
+        return first
+
     # -- sending side ---------------------------------------------------------------------------
 
     async def serve_sender(self, channel: Channel) -> None:
@@ -242,18 +264,8 @@ class _SenderRun:
             self._done = True
         elif isinstance(event, ev.PeerIdentity):
             try:
-                first = e.store.check_pin(
-                    event.name, event.public_key, e.now(), self.ch.peer_address
-                )
+                e.pin_peer(event, self.ch.peer_address, offer=self.offer_id)
             except PeerKeyChanged as exc:
-                e.audit(
-                    "peer-key-changed",
-                    "refused",
-                    offer=self.offer_id,
-                    name=event.name,
-                    fingerprint=event.fingerprint,
-                    address=self.ch.peer_address,
-                )
                 # Not the end of the offer: the right receiver may still come.
                 self._emit("peer-refused", code=exc.code, message=exc.message)
                 self.s.refuse(
@@ -263,8 +275,6 @@ class _SenderRun:
                 )
                 self._done = True
                 return
-            if first:
-                e.audit("peer-pinned", "ok", name=event.name, fingerprint=event.fingerprint)
             self.s.trust_peer()
         elif isinstance(event, ev.Paired):
             if not e.store.claim_offer(self.offer_id, e.now()):
@@ -531,26 +541,15 @@ class _ReceiverRun:
             await self.staging.rejected(event.file_index, event.reason)
         elif isinstance(event, ev.PeerIdentity):
             try:
-                first = e.store.check_pin(
-                    event.name, event.public_key, e.now(), self.ch.peer_address
-                )
-            except PeerKeyChanged as exc:
-                e.audit(
-                    "peer-key-changed",
-                    "refused",
-                    name=event.name,
-                    fingerprint=event.fingerprint,
-                    address=self.ch.peer_address,
-                )
+                first = e.pin_peer(event, self.ch.peer_address)
+            except PeerKeyChanged:
                 self.s.refuse(
                     "peer-key-changed",
                     "the receiving node refused the sender's "
                     "identity: it differs from the one pinned on first contact",
                 )
                 await self._flush()
-                raise exc
-            if first:
-                e.audit("peer-pinned", "ok", name=event.name, fingerprint=event.fingerprint)
+                raise
             self.job.emit(
                 "paired",
                 peer=event.name,
