@@ -55,6 +55,7 @@ def _node_config(args: argparse.Namespace, default_port: int) -> NodeConfig:
         host=args.host,
         port=args.port if args.port is not None else default_port,
         advertise=tuple(args.advertise or ()),
+        chunk_size=args.chunk_size,
     )
 
 
@@ -314,6 +315,13 @@ def _add_node_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
         type=int,
         default=None,
         help=f"port to listen on (serve: {DEFAULT_PORT}; send/receive: any free port)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1024 * 1024,
+        metavar="BYTES",
+        help="bytes per encrypted chunk when sending (4096 to 4194304; default 1 MiB)",
     )
     p.add_argument(
         "--advertise",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pshare.errors import ConfigError
+from p2pshare.manifest import MAX_CHUNK, MIN_CHUNK
 
 DEFAULT_PORT = 8700
 DEFAULT_EXPIRY_S = 15 * 60
@@ -56,6 +57,8 @@ class NodeConfig:
             raise ConfigError("the node name must be 1–200 printable characters")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
+        if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
+            raise ConfigError(f"the chunk size must be from {MIN_CHUNK} to {MAX_CHUNK} bytes")
 
     @property
     def identity_path(self) -> Path:

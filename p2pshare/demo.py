@@ -16,7 +16,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +65,9 @@ class NodeProc:
         return float("nan")
 
 
-async def spawn_node(name: str, data_dir: Path, *, timeout: float = 30.0) -> NodeProc:
+async def spawn_node(
+    name: str, data_dir: Path, *, timeout: float = 30.0, extra_args: Sequence[str] = ()
+) -> NodeProc:
     """Start ``p2pshare serve`` as a subprocess and wait until its API answers."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -84,6 +86,7 @@ async def spawn_node(name: str, data_dir: Path, *, timeout: float = 30.0) -> Nod
         "127.0.0.1",
         "--port",
         str(port),
+        *extra_args,
         stdout=log_fh,
         stderr=log_fh,
         stdin=asyncio.subprocess.DEVNULL,

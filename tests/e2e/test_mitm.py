@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +24,8 @@ import pydicom
 import pytest
 import pytest_asyncio
 
-from p2pshare.client import NodeClient, read_token
-from p2pshare.demo import NodeProc, free_port, spawn_node, stop_node, tree_hashes
+from p2pshare.client import NodeClient
+from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes
 from p2pshare.dicom.ingest import scan
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
 from p2pshare.manifest import Manifest
@@ -183,60 +181,9 @@ async def assert_control_run(
     return run
 
 
-CHUNKED_SERVE = """
-import asyncio, sys
-from pathlib import Path
-from p2pshare.config import NodeConfig
-from p2pshare.node.app import start
-
-async def main():
-    data_dir, name, port, chunk = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    runner, _ = await start(NodeConfig(data_dir=data_dir, name=name, port=port, chunk_size=chunk))
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-
-asyncio.run(main())
-"""
-
-
 async def spawn_chunked_node(name: str, data_dir: Path, chunk_size: int) -> NodeProc:
-    """A real node process like `p2pshare serve`, but with a chunk size the CLI cannot set."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = data_dir / "serve.log"
-    with open(log_path, "ab") as log_fh:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            CHUNKED_SERVE,
-            str(data_dir),
-            name,
-            str(port),
-            str(chunk_size),
-            stdout=log_fh,
-            stderr=log_fh,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-    node = NodeProc(name, data_dir, port, proc, log_path)
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as http:
-        while True:
-            if proc.returncode is not None:
-                raise RuntimeError(f"node {name} exited: {log_path.read_text()[-2000:]}")
-            try:
-                async with http.get(node.url + "/api/v1/info") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"node {name} did not start")
-            await asyncio.sleep(0.05)
-    node.token = read_token(data_dir)
-    return node
+    """A real `p2pshare serve` process with a small chunk size, so files span several chunks."""
+    return await spawn_node(name, data_dir, extra_args=("--chunk-size", str(chunk_size)))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
