@@ -33,6 +33,7 @@ from p2pshare.errors import (
 log = logging.getLogger("p2pshare")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SHOW_SKIPPED = 10
 
 
 def _saved_name(data_dir: Path, given: str | None) -> str:
@@ -214,6 +215,12 @@ async def cmd_send(args: argparse.Namespace, out: Output) -> int:
             detail = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
             dup = f"; {offer['duplicates']} duplicate(s) ignored" if offer["duplicates"] else ""
             out.say(f"Skipped {len(offer['skipped'])} file(s): {detail}{dup}")
+            for s in offer["skipped"][:SHOW_SKIPPED]:
+                out.say(f"  {s['name']}: {s['reason']}")
+            if len(offer["skipped"]) > SHOW_SKIPPED:
+                out.say(
+                    f"  … and {len(offer['skipped']) - SHOW_SKIPPED} more (all listed with --json)"
+                )
         out.say(f"From: {offer['sender']} [{offer['fingerprint']}]")
         out.say(f"Spoken code (read it out): {offer['code']}")
         out.say(f"Sender address: {', '.join(offer['addresses'])}")
