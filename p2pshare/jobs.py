@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 MAX_EVENTS = 500
+MAX_JOBS = 1000
 
 
 class Job:
@@ -72,6 +73,10 @@ class Jobs:
     def create(self, kind: str, job_id: str | None = None) -> Job:
         job = Job(job_id or uuid.uuid4().hex, kind)
         self._jobs[job.id] = job
+        if len(self._jobs) > MAX_JOBS:
+            # Forget the oldest finished jobs; their outcome stays in the database.
+            for old in [j.id for j in self._jobs.values() if j.done][: len(self._jobs) - MAX_JOBS]:
+                del self._jobs[old]
         return job
 
     def get(self, job_id: str) -> Job | None:

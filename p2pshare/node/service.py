@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from p2pshare import codes
+from p2pshare.config import MAX_EXPIRY_S
 from p2pshare.dicom.ingest import scan
 from p2pshare.errors import ConfigError, ConnectionLost, P2PShareError
 from p2pshare.jobs import Job
@@ -45,6 +46,8 @@ async def create_offer(
     app: web.Application, path: str, study_uid: str | None, expires_s: int | None
 ) -> dict[str, Any]:
     cfg, store, engine, jobs = app[config_key], app[store_key], app[engine_key], app[jobs_key]
+    if expires_s is not None and not 1 <= expires_s <= MAX_EXPIRY_S:
+        raise ConfigError(f"an offer must expire within 1 to {MAX_EXPIRY_S} seconds")
     report = await asyncio.to_thread(scan, path, chunk_size=cfg.chunk_size)
     study = report.study(study_uid)
     manifest = study.manifest
