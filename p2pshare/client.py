@@ -68,6 +68,8 @@ class NodeClient:
                         raise CodeFormatError(msg)
                     if code == "input":
                         raise InputError(msg)
+                    if code == "config":
+                        raise ConfigError(msg)
                     raise ApiError(code, msg)
                 return data
         except aiohttp.ClientConnectionError as exc:

@@ -439,3 +439,46 @@ async def test_logs_hold_no_code_or_patient_name_and_audit_chain_holds(
     finally:
         s_store.close()
         r_store.close()
+
+
+async def test_spoken_code_can_name_a_known_institution_instead_of_an_address(
+    nodes: tuple[NodeProc, NodeProc], cli: Cli, study: Path, tmp_path: Path
+) -> None:
+    sender, receiver = nodes
+    async with aiohttp.ClientSession() as http:
+        s_api = NodeClient(sender.url, sender.token, http)
+        r_api = NodeClient(receiver.url, receiver.token, http)
+        # unknown yet: a clear refusal, nothing started
+        unknown = await cli.run(
+            "receive",
+            "1-aardvark-asparagus-cinnamon-dominoes",
+            "--from",
+            "Referring Hospital ED",
+            "--node",
+            receiver.url,
+            "--data-dir",
+            str(receiver.data_dir),
+            "--out",
+            str(tmp_path / "x"),
+        )
+        assert unknown.code == 2 and "neither host:port nor a known institution" in unknown.stderr
+        first = await s_api.create_offer(str(study), None, None)
+        job = await r_api.receive(first["code"], str(tmp_path / "one"), [sender.address])
+        assert [e async for e in r_api.events(job)][-1]["event"] == "complete"
+        # second time, the name is enough: its last address was remembered with the pin
+        second = await s_api.create_offer(str(study), None, None)
+        got = await cli.run(
+            "receive",
+            second["code"],
+            "--from",
+            "Referring Hospital ED",
+            "--node",
+            receiver.url,
+            "--data-dir",
+            str(receiver.data_dir),
+            "--out",
+            str(tmp_path / "two"),
+            "--json",
+        )
+        assert got.code == 0, got.stdout + got.stderr
+        assert tree_hashes(tmp_path / "two") == tree_hashes(study)
