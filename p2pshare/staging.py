@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from p2pshare.dicom.verify import read_identity
+from p2pshare.dicom.verify import read_identity_of_verified
 from p2pshare.errors import DicomError, TransferError
 from p2pshare.manifest import Manifest
 
@@ -224,7 +224,7 @@ class Staging:
         if self._root not in final.resolve().parents:
             return "its path would leave the destination folder"
         try:
-            ident = read_identity(part)
+            ident = read_identity_of_verified(part)
         except DicomError as exc:
             return f"it is not a readable DICOM file ({exc.message})"
         if ident.sop_instance_uid != sop_uid:

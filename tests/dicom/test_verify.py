@@ -160,3 +160,29 @@ def test_truncated_or_corrupted_headers_give_the_right_identity_or_dicom_error(
     else:
         # A flipped byte may turn a UID into another valid one, never into an invalid one.
         assert all(isinstance(v, str) and v for v in vars(identity).values())
+
+
+def test_verified_shortcut_agrees_with_the_full_parser(study: list[Path], tmp_path: Path) -> None:
+    """The receiver's fast path gives the same identity, and the same words when it fails."""
+    from p2pshare.dicom.verify import read_identity_of_verified
+
+    for f in study:
+        assert read_identity_of_verified(f) == read_identity(f)
+    cut = tmp_path / "nopreamble.dcm"
+    cut.write_bytes(study[0].read_bytes()[132:])
+    assert read_identity_of_verified(cut) == read_identity(study[0])
+    junk = tmp_path / "junk.dcm"
+    junk.write_text("not an image")
+    with pytest.raises(DicomError, match="not a DICOM file"):
+        read_identity_of_verified(junk)
+    ds = dcmread(study[0])
+    del ds.StudyInstanceUID
+    ds.save_as(tmp_path / "nostudy.dcm", enforce_file_format=True)
+    with pytest.raises(DicomError, match="missing StudyInstanceUID"):
+        read_identity_of_verified(tmp_path / "nostudy.dcm")
+    fs = FileSet()
+    for f in study:
+        fs.add(f)
+    fs.write(tmp_path / "cd")
+    with pytest.raises(DicomError, match="DICOMDIR"):
+        read_identity_of_verified(tmp_path / "cd" / "DICOMDIR")
