@@ -126,7 +126,9 @@ class Staging:
     async def close(self, *, remove_staging: bool) -> None:
         with contextlib.suppress(BaseException):
             await self.settle()
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._close_sync)
+        # A disk error here was already reported by write()/settle(): closing must not hide it.
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._close_sync)
         self._writer.shutdown(wait=False)
         self._committer.shutdown(wait=False)
         if remove_staging:
@@ -172,9 +174,9 @@ class Staging:
         return self.dir / f"{file_index}.part"
 
     def _close_sync(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
 
     def _write_sync(
         self, file_index: int, chunk_index: int, data: bytes | bytearray, last: bool
