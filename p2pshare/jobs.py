@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 MAX_EVENTS = 500
+#: How often a transfer reports progress (its events replace each other).
+PROGRESS_EVERY_S = 0.25
 MAX_JOBS = 1000
 
 

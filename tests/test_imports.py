@@ -40,10 +40,14 @@ def _top(names: list[str]) -> set[str]:
     [
         ("p2pshare.protocol",),
         ("p2pshare.protocol.session",),
+        ("p2pshare.protocol.sender",),
+        ("p2pshare.protocol.receiver",),
         ("p2pshare.protocol.frames",),
         ("p2pshare.protocol.events",),
         (
             "p2pshare.protocol.session",
+            "p2pshare.protocol.sender",
+            "p2pshare.protocol.receiver",
             "p2pshare.protocol.frames",
             "p2pshare.protocol.events",
             "p2pshare.crypto",
@@ -52,7 +56,7 @@ def _top(names: list[str]) -> set[str]:
             "p2pshare.errors",
         ),
     ],
-    ids=["package", "session", "frames", "events", "whole-core"],
+    ids=["package", "session", "sender", "receiver", "frames", "events", "whole-core"],
 )
 def test_protocol_core_imports_no_io_libraries(modules):
     loaded = _loaded_by(*modules)

@@ -48,7 +48,8 @@ from p2pshare.protocol.frames import (
     encode,
     encode_json,
 )
-from p2pshare.protocol.session import DEFAULT_WINDOW, SenderSession, SenderState
+from p2pshare.protocol.sender import SenderSession, SenderState
+from p2pshare.protocol.session import DEFAULT_WINDOW
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 

@@ -17,7 +17,8 @@ from p2pshare.errors import RemoteProtocolError
 from p2pshare.manifest import Instance, Manifest, Series
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.frames import CHUNK_HEADER, MAX_FRAME, FrameBuffer, FrameType, encode
-from p2pshare.protocol.session import ReceiverSession, SenderSession
+from p2pshare.protocol.receiver import ReceiverSession
+from p2pshare.protocol.sender import SenderSession
 
 OFFER_ID = "0123456789abcdef0123456789abcdef"
 PASSWORD = b"p2pshare qr:" + b"k" * 32

@@ -29,12 +29,8 @@ from p2pshare.protocol.frames import (
     encode_json,
     load_json,
 )
-from p2pshare.protocol.session import (
-    ReceiverSession,
-    ReceiverState,
-    SenderSession,
-    SenderState,
-)
+from p2pshare.protocol.receiver import ReceiverSession, ReceiverState
+from p2pshare.protocol.sender import SenderSession, SenderState
 from tests.protocol.helpers import (
     OFFER_ID,
     PASSWORD,

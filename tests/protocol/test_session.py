@@ -18,13 +18,9 @@ from p2pshare.errors import LocalProtocolError, RemoteProtocolError
 from p2pshare.manifest import Manifest
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.frames import FrameType, dump_json, load_json
-from p2pshare.protocol.session import (
-    ReceiverSession,
-    ReceiverState,
-    SenderSession,
-    SenderState,
-    transfer_plan,
-)
+from p2pshare.protocol.receiver import ReceiverSession, ReceiverState
+from p2pshare.protocol.sender import SenderSession, SenderState
+from p2pshare.protocol.session import transfer_plan
 from tests.protocol.helpers import (
     OFFER_ID,
     PASSWORD,

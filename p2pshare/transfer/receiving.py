@@ -1,0 +1,297 @@
+"""The receiving side of one connection: pair, check the manifest, stage, verify, sign."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from p2pshare import codes, crypto
+from p2pshare.errors import (
+    CodeRejected,
+    ConnectionLost,
+    IntegrityError,
+    OfferUnavailable,
+    P2PShareError,
+    PeerKeyChanged,
+    RemoteProtocolError,
+    TransferAborted,
+    TransferError,
+    TrustError,
+)
+from p2pshare.jobs import PROGRESS_EVERY_S, Job
+from p2pshare.manifest import Manifest
+from p2pshare.protocol import events as ev
+from p2pshare.protocol.receiver import ReceiverSession
+from p2pshare.staging import Staging
+from p2pshare.transfer.channel import Channel
+
+if TYPE_CHECKING:
+    from p2pshare.transfer.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class ReceiverRun:
+    def __init__(
+        self,
+        engine: Engine,
+        channel: Channel,
+        code: codes.SpokenCode | codes.QrOffer,
+        out_dir: Path,
+        job: Job,
+    ) -> None:
+        e = engine
+        self.e = e
+        self.ch = channel
+        self.job = job
+        self.out_dir = out_dir
+        spoken = isinstance(code, codes.SpokenCode)
+        self.s = ReceiverSession(
+            name=e.config.name,
+            public_key=e.identity.public_key,
+            sign=e.identity.sign,
+            offer_ref=str(code.number) if isinstance(code, codes.SpokenCode) else code.offer_id,
+            spoken=spoken,
+            password=code.password,
+            entropy=e.entropy,
+        )
+        self.staging: Staging | None = None
+        self._bytes = 0
+        self._last_progress = 0.0
+        self._first_verified_at: float | None = None
+        self._started = time.monotonic()
+        self.receipt: dict[str, Any] | None = None
+        self._closed = False
+
+    @property
+    def manifest(self) -> Manifest:
+        assert self.s.manifest is not None
+        return self.s.manifest
+
+    async def run(self) -> dict[str, Any]:
+        self.s.start()
+        await self._flush()
+        try:
+            while not self._closed:
+                data = await self.ch.recv()
+                if data is None:
+                    break
+                self.s.receive_data(data)
+                try:
+                    while (event := self.s.next_event()) is not None:
+                        await self._on_event(event)
+                finally:
+                    await self._flush()
+        except RemoteProtocolError as exc:
+            raise self._as_transfer_error(exc) from exc
+        except ConnectionLost:
+            # Noticed while sending an acknowledgement rather than while reading: the person
+            # still needs to hear how much arrived and what to do.
+            if self.receipt is not None or self.s.manifest is None:
+                raise
+        finally:
+            if self.staging is not None:
+                await self.staging.close(remove_staging=self.receipt is not None)
+        if self.receipt is None:
+            total = len(self.manifest.instances) if self.s.manifest else 0
+            if total:
+                done = self.staging.placed if self.staging else 0
+                raise ConnectionLost(
+                    f"the connection was lost after {done} of {total} instances; nothing "
+                    f"partial was marked complete. Ask the sender to offer the study again"
+                )
+            raise ConnectionLost("the sender closed the connection before pairing finished")
+        return self.receipt
+
+    async def _flush(self) -> None:
+        out = self.s.data_to_send()
+        if out:
+            await self.ch.send(out)
+
+    def _as_transfer_error(self, exc: RemoteProtocolError) -> P2PShareError:
+        if exc.code in ("integrity", "out-of-order", "size-mismatch", "truncated"):
+            return IntegrityError(f"{exc.message}. Nothing unverified was kept.")
+        return exc
+
+    async def _on_event(self, event: ev.Event) -> None:
+        e = self.e
+        if isinstance(event, ev.Chunk):
+            assert self.staging is not None
+            await self.staging.write(event.file_index, event.chunk_index, event.data, event.last)
+            self._bytes += len(event.data)
+            t = time.monotonic()
+            if t - self._last_progress >= PROGRESS_EVERY_S:
+                self._last_progress = t
+                self._progress()
+        elif isinstance(event, ev.FileVerified):
+            assert self.staging is not None
+            self.staging.verified(event.file_index)
+        elif isinstance(event, ev.FileRejected):
+            assert self.staging is not None
+            log.warning("file #%d rejected: hash mismatch", event.file_index)
+            await self.staging.rejected(event.file_index, event.reason)
+        elif isinstance(event, ev.PeerIdentity):
+            try:
+                first = e.pin_peer(event, self.ch.peer_address)
+            except PeerKeyChanged:
+                self.s.refuse(
+                    "peer-key-changed",
+                    "the receiving node refused the sender's "
+                    "identity: it differs from the one pinned on first contact",
+                )
+                await self._flush()
+                raise
+            self.job.emit(
+                "paired",
+                peer=event.name,
+                fingerprint=event.fingerprint,
+                first_contact=first,
+                address=self.ch.peer_address,
+            )
+            self.s.trust_peer()
+        elif isinstance(event, ev.Paired):
+            self._started = time.monotonic()
+            e.store.update_transfer(
+                self.job.id,
+                state="paired",
+                peer_name=self.s.peer_name,
+                peer_fingerprint=crypto.fingerprint(self.s.peer_key),
+                transfer_id=event.transfer_id.hex(),
+            )
+            e.audit(
+                "pairing",
+                "ok",
+                transfer=event.transfer_id.hex(),
+                peer=crypto.fingerprint(self.s.peer_key),
+                address=self.ch.peer_address,
+            )
+        elif isinstance(event, ev.ManifestOffer):
+            self._check_room(event.manifest)
+            self.staging = Staging(
+                self.out_dir,
+                self.out_dir / ".p2pshare-partial" / self.s.transfer_id.hex(),
+                event.manifest,
+                self._on_placed,
+            )
+            e.store.update_transfer(
+                self.job.id, state="receiving", manifest=event.manifest.to_bytes()
+            )
+            e.audit(
+                "transfer-started",
+                "ok",
+                transfer=self.s.transfer_id.hex(),
+                study=event.manifest.study_instance_uid,
+                manifest_sha256=event.digest,
+                instances=len(event.manifest.instances),
+            )
+            log.info(
+                "transfer %s: manifest %s accepted (%d instances, %d bytes)",
+                self.s.transfer_id.hex()[:8],
+                event.digest[:12],
+                len(event.manifest.instances),
+                event.manifest.total_bytes,
+            )
+            self.job.emit("manifest", manifest_sha256=event.digest, **event.manifest.summary())
+            self.s.accept()
+        elif isinstance(event, ev.Status):
+            self.job.emit("status", state=event.state, **event.detail)
+        elif isinstance(event, ev.SenderDone):
+            await self._conclude()
+        elif isinstance(event, ev.Closed):
+            self._closed = True
+        elif isinstance(event, ev.RemoteError):
+            raise self._remote_error(event)
+
+    async def _conclude(self) -> None:
+        """Everything arrived: make it durable, then sign — or say what failed."""
+        e, staging = self.e, self.staging
+        assert staging is not None
+        await staging.sync()
+        missing = len(self.manifest.instances) - staging.placed - len(staging.failures)
+        if missing:
+            raise TransferError(
+                f"{missing} verified instance(s) could not be put in place in {self.out_dir}; "
+                f"nothing was reported complete. Check the disk and ask for the study again"
+            )
+        if staging.failures:
+            first = next(iter(staging.failures.values()))
+            n = len(staging.failures)
+            self.s.refuse("incomplete", f"{n} instance(s) failed verification")
+            await self._flush()
+            e.audit("transfer-failed", "integrity", transfer=self.s.transfer_id.hex(), failed=n)
+            raise IntegrityError(
+                f"{n} of {len(self.manifest.instances)} instances failed verification and were "
+                f"not kept (first: {first}). Ask the sender to offer the study again"
+            )
+        self._progress()
+        self.receipt = self.s.send_receipt(e.now())
+        e.store.update_transfer(
+            self.job.id,
+            state="complete",
+            verified=staging.placed,
+            receipt=self.receipt,
+            finished=e.now(),
+        )
+        log.info(
+            "transfer %s complete: %d instances verified, receipt for manifest %s signed",
+            self.s.transfer_id.hex()[:8],
+            staging.placed,
+            self.receipt["manifest_sha256"][:12],
+        )
+        e.audit(
+            "receipt-signed",
+            "ok",
+            transfer=self.s.transfer_id.hex(),
+            manifest_sha256=self.receipt["manifest_sha256"],
+            instances=self.receipt["instances"],
+        )
+
+    def _on_placed(self, file_index: int) -> None:
+        if self._first_verified_at is None:
+            self._first_verified_at = time.monotonic()
+            self.job.emit(
+                "first-instance",
+                file_index=file_index,
+                seconds=round(self._first_verified_at - self._started, 3),
+            )
+
+    def _remote_error(self, event: ev.RemoteError) -> P2PShareError:
+        if event.code == "code-rejected":
+            return CodeRejected(event.tries_left or 0)
+        if event.code.startswith("offer-"):
+            return OfferUnavailable(event.code[len("offer-") :])
+        if event.code == "peer-key-changed":
+            return TrustError(f"the sender refused this node: {event.message}")
+        return TransferAborted(f"the sender stopped the transfer: {event.message}")
+
+    def _check_room(self, manifest: Manifest) -> None:
+        cfg = self.e.config
+        if manifest.total_bytes > cfg.max_study_bytes:
+            msg = (
+                f"the study is {manifest.total_bytes / 1e9:.1f} GB, more than this node "
+                f"accepts ({cfg.max_study_bytes / 1e9:.1f} GB)"
+            )
+            self.s.refuse("too-large", msg)
+            raise TransferAborted(msg)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.out_dir).free
+        if free - manifest.total_bytes < cfg.min_free_bytes:
+            msg = (
+                f"not enough disk space in {self.out_dir}: the study needs "
+                f"{manifest.total_bytes / 1e6:.0f} MB and {free / 1e6:.0f} MB are free"
+            )
+            self.s.refuse("no-space", "the receiving node does not have enough disk space")
+            raise TransferAborted(msg)
+
+    def _progress(self) -> None:
+        placed = self.staging.placed if self.staging else 0
+        self.job.emit(
+            "progress",
+            bytes_received=self._bytes,
+            bytes_total=self.manifest.total_bytes,
+            files_verified=placed,
+            files_total=len(self.manifest.instances),
+        )

@@ -1,0 +1,280 @@
+"""The sending side of one connection: answer the receiver, then fill the window from disk."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import IO, TYPE_CHECKING, Any
+
+from p2pshare import codes, crypto
+from p2pshare.dicom.ingest import Source
+from p2pshare.errors import (
+    CodeRejected,
+    ConnectionLost,
+    OfferUnavailable,
+    P2PShareError,
+    PeerKeyChanged,
+    RemoteProtocolError,
+    TransferAborted,
+    TransferError,
+)
+from p2pshare.jobs import PROGRESS_EVERY_S, Job
+from p2pshare.protocol import events as ev
+from p2pshare.protocol.sender import SenderSession
+from p2pshare.store import BURNT, CANCELLED, COMPLETED, EXPIRED, FAILED, SENDING
+from p2pshare.transfer.channel import Channel
+
+if TYPE_CHECKING:
+    from p2pshare.transfer.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class SenderRun:
+    def __init__(self, engine: Engine, channel: Channel) -> None:
+        e = engine
+        self.e = e
+        self.ch = channel
+        self.s = SenderSession(
+            name=e.config.name,
+            public_key=e.identity.public_key,
+            sign=e.identity.sign,
+            entropy=e.entropy,
+            window=e.config.window,
+        )
+        self.offer_id = ""
+        self.sources: list[Source] = []
+        self.job: Job | None = None
+        self._fh: IO[bytes] | None = None
+        self._fh_index = -1
+        self._bytes_sent = 0
+        self._total = 0
+        self._last_progress = 0.0
+        self._done = False
+
+    async def run(self) -> None:
+        while not self._done:
+            if self.s.window_open:
+                self._send_one_chunk()
+                await self._flush()
+                continue
+            data = await self.ch.recv()
+            if data is None:
+                if not self._done:
+                    raise ConnectionLost("the receiver closed the connection before the receipt")
+                return
+            self.s.receive_data(data)
+            try:
+                while (event := self.s.next_event()) is not None:
+                    self._on_event(event)
+            finally:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        out = self.s.data_to_send()
+        if out:
+            await self.ch.send(out)
+
+    def _on_event(self, event: ev.Event) -> None:
+        e = self.e
+        if isinstance(event, ev.OfferRequest):
+            self._on_offer_request(event)
+        elif isinstance(event, ev.CodeMismatch):
+            left = e.store.record_failed_attempt(self.offer_id)
+            e.audit(
+                "pairing-attempt",
+                "wrong-code",
+                offer=self.offer_id,
+                address=self.ch.peer_address,
+                tries_left=left,
+            )
+            if left == 0:
+                e.audit("offer-burnt", "ok", offer=self.offer_id)
+                self._finish(
+                    "error",
+                    code="offer-burnt",
+                    message="the offer was burnt after 3 wrong codes; nothing was sent. "
+                    "Create a new offer and read the new code slowly",
+                )
+            else:
+                self._emit("wrong-code", tries_left=left)
+            log.warning("wrong code for offer %s (%d tries left)", self.offer_id[:8], left)
+            self.s.refuse("code-rejected", CodeRejected(left).message, tries_left=left)
+            self._done = True
+        elif isinstance(event, ev.PeerIdentity):
+            try:
+                e.pin_peer(event, self.ch.peer_address, offer=self.offer_id)
+            except PeerKeyChanged as exc:
+                # Not the end of the offer: the right receiver may still come.
+                self._emit("peer-refused", code=exc.code, message=exc.message)
+                self.s.refuse(
+                    "peer-key-changed",
+                    "the sending node does not trust this node's "
+                    "identity key (it changed since first contact)",
+                )
+                self._done = True
+                return
+            self.s.trust_peer()
+        elif isinstance(event, ev.Paired):
+            if not e.store.claim_offer(self.offer_id, e.now()):
+                offer = e.store.get_offer(self.offer_id)
+                state = offer.state if offer else "unknown"
+                self.s.refuse(f"offer-{state}", OfferUnavailable(state).message)
+                self._done = True
+                return
+            # Only the connection that claimed the offer may be stopped by cancelling it; a
+            # hostile connection naming the same offer never replaces it here.
+            task = asyncio.current_task()
+            if task is not None:
+                e.running[self.offer_id] = task
+            offer = e.store.get_offer(self.offer_id)
+            assert offer is not None
+            e.store.set_offer_state(
+                self.offer_id,
+                "paired",
+                peer_name=self.s.peer_name,
+                peer_fingerprint=crypto.fingerprint(self.s.peer_key),
+                transfer_id=event.transfer_id.hex(),
+            )
+            e.audit(
+                "pairing-attempt",
+                "ok",
+                offer=self.offer_id,
+                address=self.ch.peer_address,
+                peer=crypto.fingerprint(self.s.peer_key),
+            )
+            self._emit(
+                "paired", peer=self.s.peer_name, fingerprint=crypto.fingerprint(self.s.peer_key)
+            )
+            self.sources = [Source.from_json(s) for s in offer.sources]
+            self._total = offer.manifest.total_bytes
+            digest = self.s.send_manifest(offer.manifest, {"sender": e.config.name})
+            log.info("offer %s paired; manifest %s sent", self.offer_id[:8], digest[:12])
+        elif isinstance(event, ev.Accepted):
+            e.store.set_offer_state(self.offer_id, SENDING)
+            e.audit(
+                "transfer-started",
+                "ok",
+                offer=self.offer_id,
+                study=self.s.manifest.study_instance_uid if self.s.manifest else "",
+                peer=crypto.fingerprint(self.s.peer_key),
+                resumed_files=len(event.have),
+            )
+            self._emit("streaming", files=len(self.sources))
+        elif isinstance(event, ev.Receipt):
+            e.store.set_offer_state(self.offer_id, COMPLETED, receipt=event.body)
+            e.audit(
+                "receipt-received",
+                "ok",
+                offer=self.offer_id,
+                manifest_sha256=event.body.get("manifest_sha256"),
+                peer=crypto.fingerprint(self.s.peer_key),
+            )
+            log.info("offer %s delivered: signed receipt received", self.offer_id[:8])
+            self._finish(
+                "complete",
+                receipt=event.body,
+                peer=self.s.peer_name,
+                fingerprint=crypto.fingerprint(self.s.peer_key),
+            )
+            self.s.close()
+            self._done = True
+        elif isinstance(event, ev.RemoteError):
+            raise TransferAborted(f"the receiver stopped: {event.message}")
+        elif isinstance(event, ev.Closed):
+            self._done = True
+
+    def _on_offer_request(self, event: ev.OfferRequest) -> None:
+        e = self.e
+        offer = e.store.find_offer(event.offer_ref, event.spoken)
+        if offer is not None and offer.state == "active" and offer.expires <= e.now():
+            e.store.set_offer_state(offer.id, EXPIRED)
+            e.audit("offer-expired", "ok", offer=offer.id)
+            offer = e.store.get_offer(offer.id)
+        if offer is None or offer.state != "active":
+            state = (
+                "unknown"
+                if offer is None
+                else {
+                    EXPIRED: "expired",
+                    BURNT: "burnt",
+                    CANCELLED: "cancelled",
+                }.get(offer.state, "used")
+            )
+            e.audit(
+                "pairing-attempt",
+                f"offer-{state}",
+                address=self.ch.peer_address,
+                offer=offer.id if offer else None,
+            )
+            self.s.refuse(f"offer-{state}", OfferUnavailable(state).message)
+            self._done = True
+            return
+        self.offer_id = offer.id
+        self.job = e.offer_job(offer.id)
+        password = (
+            codes.parse_spoken(offer.spoken_code).password
+            if event.spoken
+            else codes.QrOffer(offer.id, offer.qr_secret).password
+        )
+        self._emit("pairing", address=self.ch.peer_address)
+        self.s.use_offer(offer.id, password)
+
+    def _send_one_chunk(self) -> None:
+        nxt = self.s.next_chunk()
+        assert nxt is not None
+        fi, ci, offset, length = nxt
+        if fi != self._fh_index:
+            self.close_files()
+            self._fh = self.sources[fi].open()
+            self._fh_index = fi
+            if offset:
+                self._fh.seek(offset)
+        assert self._fh is not None
+        data = self._fh.read(length)
+        if len(data) != length:
+            uid = self.s.manifest.instances[fi].sop_instance_uid if self.s.manifest else "?"
+            raise TransferError(
+                f"instance {uid} changed on disk since the offer was made (it is shorter now); "
+                f"create a new offer"
+            )
+        self.s.send_chunk(fi, ci, data)
+        self._bytes_sent += length
+        t = time.monotonic()
+        if t - self._last_progress >= PROGRESS_EVERY_S or not self.s.next_chunk():
+            self._last_progress = t
+            self._emit(
+                "progress",
+                bytes_sent=self._bytes_sent,
+                bytes_total=self._total,
+                files_total=len(self.sources),
+                file_index=fi,
+            )
+
+    def close_files(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            self._fh_index = -1
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.job is not None and not self.job.done:
+            self.job.emit(event, **fields)
+
+    def _finish(self, event: str, **fields: Any) -> None:
+        if self.job is not None and not self.job.done:
+            self.job.finish(event, **fields)
+
+    def fail(self, exc: P2PShareError) -> None:
+        if isinstance(exc, RemoteProtocolError):
+            log.warning("receiver at %s broke the protocol: %s", self.ch.peer_address, exc.code)
+        else:
+            log.info("sender connection from %s ended: %s", self.ch.peer_address, exc.code)
+        if not self.offer_id:
+            return
+        offer = self.e.store.get_offer(self.offer_id)
+        if offer is not None and offer.state in ("paired", SENDING):
+            self.e.store.set_offer_state(self.offer_id, FAILED, error=exc.message)
+            self.e.audit("transfer-failed", exc.code, offer=self.offer_id)
+            self._finish("error", code=exc.code, message=exc.message)
