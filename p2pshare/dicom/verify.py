@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from p2pshare.dicom.ingest import MEDIA_STORAGE_DIRECTORY, parse_header, quiet_pydicom
+from p2pshare.dicom.header import MEDIA_STORAGE_DIRECTORY, parse_header, quiet_pydicom
 from p2pshare.errors import DicomError
 from p2pshare.manifest import is_uid
 
