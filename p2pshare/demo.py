@@ -124,10 +124,15 @@ async def stop_node(node: NodeProc) -> None:
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(workdir: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
-    sender = await spawn_node("Referring Hospital ED (demo)", workdir / "referring-node")
+async def two_nodes(
+    workdir: Path,
+    sender_name: str = "Referring Hospital ED (demo)",
+    receiver_name: str = "Trauma Centre Radiology (demo)",
+) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
+    """A referring hospital's node and a trauma centre's node, stopped on exit."""
+    sender = await spawn_node(sender_name, workdir / "referring-node")
     try:
-        receiver = await spawn_node("Trauma Centre Radiology (demo)", workdir / "trauma-node")
+        receiver = await spawn_node(receiver_name, workdir / "trauma-node")
         try:
             yield sender, receiver
         finally:

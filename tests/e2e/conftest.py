@@ -13,10 +13,13 @@ from typing import Any
 
 import pytest
 
-from p2pshare.demo import NodeProc, spawn_node, stop_node
+from p2pshare.demo import NodeProc, two_nodes
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
 
 pytestmark = pytest.mark.e2e
+
+#: The institutions every end-to-end test plays.
+NAMES = ("Referring Hospital ED", "Trauma Centre Radiology")
 
 
 @pytest.fixture(scope="session")
@@ -109,10 +112,5 @@ def cli(tmp_path: Path) -> Cli:
 @pytest.fixture
 async def nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
     """Two `p2pshare serve` processes: a referring hospital and a trauma centre."""
-    sender = await spawn_node("Referring Hospital ED", tmp_path / "referring")
-    receiver = await spawn_node("Trauma Centre Radiology", tmp_path / "trauma")
-    try:
-        yield sender, receiver
-    finally:
-        await stop_node(receiver)
-        await stop_node(sender)
+    async with two_nodes(tmp_path, *NAMES) as pair:
+        yield pair

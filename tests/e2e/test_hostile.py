@@ -31,7 +31,7 @@ from aiohttp import web
 
 from p2pshare import codes, crypto
 from p2pshare.client import NodeClient
-from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes
+from p2pshare.demo import NodeProc, tree_hashes, two_nodes
 from p2pshare.dicom.ingest import scan
 from p2pshare.errors import ProtocolError
 from p2pshare.manifest import MAX_FILE_BYTES, Manifest
@@ -51,6 +51,8 @@ from p2pshare.protocol.frames import (
 from p2pshare.protocol.sender import SenderSession, SenderState
 from p2pshare.protocol.session import DEFAULT_WINDOW
 
+from .conftest import NAMES
+
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 WS_TIMEOUT = 10.0
@@ -61,16 +63,8 @@ async def pair(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
     """A referring hospital's node and a trauma centre's node, shared by this module."""
-    root = tmp_path_factory.mktemp("hostile-nodes")
-    sender = await spawn_node("Referring Hospital ED", root / "referring")
-    try:
-        receiver = await spawn_node("Trauma Centre Radiology", root / "trauma")
-        try:
-            yield sender, receiver
-        finally:
-            await stop_node(receiver)
-    finally:
-        await stop_node(sender)
+    async with two_nodes(tmp_path_factory.mktemp("hostile-nodes"), *NAMES) as nodes:
+        yield nodes
 
 
 async def _collect(it: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:

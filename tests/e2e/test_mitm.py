@@ -25,12 +25,12 @@ import pytest
 import pytest_asyncio
 
 from p2pshare.client import NodeClient
-from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes
+from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes, two_nodes
 from p2pshare.dicom.ingest import scan
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
 from p2pshare.manifest import Manifest
 
-from .conftest import Cli
+from .conftest import NAMES, Cli
 from .proxy import (
     CHUNK_FRAME,
     CUT,
@@ -191,16 +191,8 @@ async def pair(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
     """A referring hospital's node and a trauma centre's node (`p2pshare serve`)."""
-    root = tmp_path_factory.mktemp("mitm-nodes")
-    sender = await spawn_node("Referring Hospital ED", root / "referring")
-    try:
-        receiver = await spawn_node("Trauma Centre Radiology", root / "trauma")
-        try:
-            yield sender, receiver
-        finally:
-            await stop_node(receiver)
-    finally:
-        await stop_node(sender)
+    async with two_nodes(tmp_path_factory.mktemp("mitm-nodes"), *NAMES) as nodes:
+        yield nodes
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
