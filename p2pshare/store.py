@@ -196,6 +196,11 @@ class Store:
         ).fetchone()
         return _offer(row) if row else None
 
+    def live_offers(self) -> list[tuple[str, int]]:
+        """(id, expiry) of every offer still waiting for its receiver, without parsing manifests."""
+        rows = self.db.execute("SELECT id, expires FROM offers WHERE state = ?", _LIVE)
+        return [(r[0], r[1]) for r in rows]
+
     def list_offers(self, limit: int = 100) -> list[Offer]:
         rows = self.db.execute("SELECT * FROM offers ORDER BY created DESC LIMIT ?", (limit,))
         return [_offer(r) for r in rows]

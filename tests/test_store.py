@@ -430,3 +430,28 @@ def test_transfers_round_trip_with_a_receipt_dict(store: Store) -> None:
 
 def test_get_transfer_of_an_unknown_job_is_none(store: Store) -> None:
     assert store.get_transfer("nope") is None
+
+
+def test_live_offers_lists_only_waiting_offers(tmp_path: Path) -> None:
+    from tests.protocol.helpers import make_files, make_manifest
+
+    store = Store(tmp_path / "live")
+    try:
+        assert store.live_offers() == []
+        manifest = make_manifest(make_files(1, 100))
+        for i, state in enumerate(["active", "completed", "active"]):
+            store.add_offer(
+                offer_id=f"{i:032x}",
+                number=i + 1,
+                spoken_code=f"{i + 1}-a-b-c-d",
+                qr_secret=b"s" * 32,
+                manifest=manifest,
+                sources=[],
+                created=0,
+                expires=100 + i,
+            )
+            if state != "active":
+                store.set_offer_state(f"{i:032x}", state)
+        assert sorted(store.live_offers()) == [(f"{0:032x}", 100), (f"{2:032x}", 102)]
+    finally:
+        store.close()

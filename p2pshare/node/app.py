@@ -66,9 +66,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[jobs_key] = jobs
     app[token_key] = load_token(cfg.token_path)
     # Offers survive a restart: give each live one a job again so progress can be watched.
-    for offer in store.list_offers():
-        if offer.state == "active":
-            jobs.create("offer", offer.id).emit("waiting", expires=offer.expires)
+    for offer_id, expires in store.live_offers():
+        jobs.create("offer", offer_id).emit("waiting", expires=expires)
     engine.audit("node-started", name=cfg.name, fingerprint=identity.fingerprint)
     sweeper = asyncio.create_task(_sweep_expired(app))
     yield
