@@ -22,7 +22,7 @@ from p2pshare.errors import (
 from p2pshare.jobs import PROGRESS_EVERY_S, Job
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.sender import SenderSession
-from p2pshare.store import BURNT, CANCELLED, COMPLETED, EXPIRED, FAILED, SENDING
+from p2pshare.store import BURNT, CANCELLED, COMPLETED, EXPIRED, FAILED, SENDING, Offer
 from p2pshare.transfer.channel import Channel
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ class SenderRun:
         self._total = 0
         self._last_progress = 0.0
         self._done = False
+        #: True once this connection won the offer; only then may it fail or finish the offer.
+        self._claimed = False
 
     async def run(self) -> None:
         while not self._done:
@@ -118,11 +120,11 @@ class SenderRun:
             self.s.trust_peer()
         elif isinstance(event, ev.Paired):
             if not e.store.claim_offer(self.offer_id, e.now()):
-                offer = e.store.get_offer(self.offer_id)
-                state = offer.state if offer else "unknown"
+                state = _unavailable(e.store.get_offer(self.offer_id))
                 self.s.refuse(f"offer-{state}", OfferUnavailable(state).message)
                 self._done = True
                 return
+            self._claimed = True
             # Only the connection that claimed the offer may be stopped by cancelling it; a
             # hostile connection naming the same offer never replaces it here.
             task = asyncio.current_task()
@@ -193,15 +195,7 @@ class SenderRun:
             e.audit("offer-expired", "ok", offer=offer.id)
             offer = e.store.get_offer(offer.id)
         if offer is None or offer.state != "active":
-            state = (
-                "unknown"
-                if offer is None
-                else {
-                    EXPIRED: "expired",
-                    BURNT: "burnt",
-                    CANCELLED: "cancelled",
-                }.get(offer.state, "used")
-            )
+            state = _unavailable(offer)
             e.audit(
                 "pairing-attempt",
                 f"offer-{state}",
@@ -271,10 +265,17 @@ class SenderRun:
             log.warning("receiver at %s broke the protocol: %s", self.ch.peer_address, exc.code)
         else:
             log.info("sender connection from %s ended: %s", self.ch.peer_address, exc.code)
-        if not self.offer_id:
-            return
+        if not self._claimed:
+            return  # another connection naming this offer must not touch its state or job
         offer = self.e.store.get_offer(self.offer_id)
         if offer is not None and offer.state in ("paired", SENDING):
             self.e.store.set_offer_state(self.offer_id, FAILED, error=exc.message)
             self.e.audit("transfer-failed", exc.code, offer=self.offer_id)
             self._finish("error", code=exc.code, message=exc.message)
+
+
+def _unavailable(offer: Offer | None) -> str:
+    """Why an offer cannot be paired with, as the receiver will be told."""
+    if offer is None:
+        return "unknown"
+    return {EXPIRED: "expired", BURNT: "burnt", CANCELLED: "cancelled"}.get(offer.state, "used")

@@ -1,0 +1,86 @@
+"""The sending side's bookkeeping rules that no end-to-end run can time reliably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from p2pshare import crypto
+from p2pshare.config import NodeConfig
+from p2pshare.errors import RemoteProtocolError
+from p2pshare.jobs import Jobs
+from p2pshare.store import SENDING, Store
+from p2pshare.transfer.engine import Engine
+from p2pshare.transfer.sending import SenderRun
+from tests.protocol.helpers import make_files, make_manifest
+
+
+class _NoChannel:
+    peer_address = "127.0.0.1"
+
+    async def send(self, data: bytes | bytearray) -> None:  # pragma: no cover - unused
+        raise AssertionError("nothing should be sent")
+
+    async def recv(self) -> bytes | None:  # pragma: no cover - unused
+        return None
+
+    async def close(self) -> None:  # pragma: no cover - unused
+        return None
+
+
+def _engine(tmp_path: Path) -> tuple[Engine, Jobs, str]:
+    store = Store(tmp_path / "node")
+    jobs = Jobs()
+    engine = Engine(
+        config=NodeConfig(data_dir=tmp_path / "node", name="Referring Hospital ED"),
+        identity=crypto.Identity.generate(),
+        store=store,
+        offer_job=jobs.get,
+    )
+    offer_id = "ab" * 16
+    store.add_offer(
+        offer_id=offer_id,
+        number=1,
+        spoken_code="1-aardvark-asparagus-cinnamon-dominoes",
+        qr_secret=b"k" * 32,
+        manifest=make_manifest(make_files(1, 100)),
+        sources=[],
+        created=0,
+        expires=10**10,
+    )
+    jobs.create("offer", offer_id).emit("waiting")
+    return engine, jobs, offer_id
+
+
+def test_a_connection_that_did_not_claim_the_offer_cannot_fail_it(tmp_path: Path) -> None:
+    """A second (hostile) connection naming an offer another connection is streaming must
+    not mark that offer failed or end the sender's job when it breaks the protocol."""
+    engine, jobs, offer_id = _engine(tmp_path)
+    engine.store.set_offer_state(offer_id, SENDING)  # claimed and streaming elsewhere
+    intruder = SenderRun(engine, _NoChannel())
+    intruder.offer_id = offer_id
+    intruder.job = jobs.get(offer_id)
+    intruder.fail(RemoteProtocolError("garbage", "protocol-violation"))
+    offer = engine.store.get_offer(offer_id)
+    assert offer is not None and offer.state == SENDING and offer.error is None
+    job = jobs.get(offer_id)
+    assert job is not None and not job.done
+    engine.store.close()
+
+
+def test_the_connection_that_claimed_the_offer_records_its_failure(tmp_path: Path) -> None:
+    engine, jobs, offer_id = _engine(tmp_path)
+    assert engine.store.claim_offer(offer_id, now=1)
+    run = SenderRun(engine, _NoChannel())
+    run.offer_id = offer_id
+    run.job = jobs.get(offer_id)
+    run._claimed = True  # what winning the claim in the Paired handler sets
+    run.fail(RemoteProtocolError("garbage", "protocol-violation"))
+    offer = engine.store.get_offer(offer_id)
+    assert offer is not None and offer.state == "failed" and offer.error == "garbage"
+    job = jobs.get(offer_id)
+    assert job is not None and job.done and job.result is not None
+    assert job.result["event"] == "error" and job.result["code"] == "protocol-violation"
+    assert ("transfer-failed", "protocol-violation") in [
+        (r["action"], r["outcome"]) for r in engine.store.audit.records()
+    ]
+    engine.store.close()
