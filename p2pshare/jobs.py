@@ -17,6 +17,8 @@ MAX_EVENTS = 500
 #: How often a transfer reports progress (its events replace each other).
 PROGRESS_EVERY_S = 0.25
 MAX_JOBS = 1000
+#: Events of which only the latest matters: each replaces its predecessor.
+_LATEST_ONLY = ("progress", "status")
 
 
 class Job:
@@ -33,8 +35,9 @@ class Job:
 
     def emit(self, event: str, **fields: Any) -> None:
         self._seq += 1
-        record = {"seq": self._seq, "event": event, "at": round(self._clock(), 3), **fields}
-        if event == "progress" and self.events and self.events[-1]["event"] == "progress":
+        # Our keys last: a field (some come from the peer) can never replace seq or event.
+        record = {**fields, "seq": self._seq, "event": event, "at": round(self._clock(), 3)}
+        if event in _LATEST_ONLY and self.events and self.events[-1]["event"] == event:
             self.events[-1] = record
         else:
             self.events.append(record)

@@ -218,18 +218,25 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def record_failed_attempt(self, offer_id: str) -> int:
-        """Count a wrong code; burn the offer at the limit. Returns tries left."""
+    def record_failed_attempt(self, offer_id: str) -> int | None:
+        """Count a wrong code against a live offer; burn it at the limit. Returns tries left.
+
+        Returns None, counting nothing, when the offer is no longer live (another receiver has
+        claimed it, or it ended): a late wrong code must not burn a transfer under way.
+        """
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
-                "UPDATE offers SET failed_attempts = failed_attempts + 1 WHERE id = ?", (offer_id,)
+            cur = self.db.execute(
+                "UPDATE offers SET failed_attempts = failed_attempts + 1 WHERE id = ? AND state = ?",
+                (offer_id, ACTIVE),
             )
+            if cur.rowcount != 1:
+                return None
             row = self.db.execute(
-                "SELECT failed_attempts, state FROM offers WHERE id = ?", (offer_id,)
+                "SELECT failed_attempts FROM offers WHERE id = ?", (offer_id,)
             ).fetchone()
             left = max(0, MAX_FAILED_ATTEMPTS - int(row[0]))
-            if left == 0 and row[1] == ACTIVE:
+            if left == 0:
                 self.db.execute("UPDATE offers SET state = ? WHERE id = ?", (BURNT, offer_id))
         return left
 

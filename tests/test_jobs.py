@@ -55,7 +55,7 @@ def test_consecutive_progress_events_replace_each_other() -> None:
     ]
 
 
-def test_progress_replaces_only_progress_other_events_are_kept() -> None:
+def test_progress_and_status_replace_their_own_kind_other_events_are_kept() -> None:
     job = Job("j", "receive", clock=lambda: 1.0)
     job.emit("progress", n=1)
     job.emit("progress", n=2)
@@ -69,16 +69,25 @@ def test_progress_replaces_only_progress_other_events_are_kept() -> None:
         (2, "progress", 2, None),
         (3, "first-instance", None, None),
         (4, "progress", 3, None),
-        (5, "status", None, "x"),
-        (6, "status", None, "y"),
+        (6, "status", None, "y"),  # only the sender's latest status matters
         (8, "progress", 5, None),
     ]
+
+
+def test_peer_supplied_fields_cannot_replace_seq_or_event() -> None:
+    job = Job("j", "receive", clock=lambda: 1.0)
+    job.emit("status", **{"seq": 10**15, "at": 0})
+    assert (job.events[-1]["seq"], job.events[-1]["event"], job.events[-1]["at"]) == (
+        1,
+        "status",
+        1.0,
+    )
 
 
 def test_events_beyond_the_limit_drop_the_oldest_but_keep_the_first() -> None:
     job = Job("j", "offer", clock=lambda: 1.0)
     for i in range(MAX_EVENTS + 100):
-        job.emit("status", i=i)
+        job.emit("wrong-code", i=i)
     assert len(job.events) == MAX_EVENTS == 500
     assert job.events[0]["seq"] == 1  # the first event (e.g. "waiting" with expiry) stays
     assert [e["seq"] for e in job.events[1:]] == list(range(102, 601))

@@ -217,9 +217,10 @@ def test_wrong_codes_count_down_and_burn_the_offer_at_zero(store: Store) -> None
     got = store.get_offer("o1")
     assert got is not None
     assert (got.state, got.failed_attempts, got.tries_left) == ("burnt", 3, 0)
-    # Further guesses against a burnt offer stay at zero and never revive it.
-    assert store.record_failed_attempt("o1") == 0
+    # Further guesses against a burnt offer count nothing and never revive it.
+    assert store.record_failed_attempt("o1") is None
     assert state(store, "o1") == "burnt"
+    assert store.get_offer("o1").failed_attempts == 3  # type: ignore[union-attr]
     assert store.claim_offer("o1", NOW) is False
 
 
@@ -235,9 +236,18 @@ def test_wrong_codes_for_one_offer_do_not_touch_another(store: Store) -> None:
 def test_a_wrong_code_does_not_turn_a_cancelled_offer_into_a_burnt_one(store: Store) -> None:
     offer(store, "o1", 1)
     store.set_offer_state("o1", "cancelled")
-    for left in (2, 1, 0):
-        assert store.record_failed_attempt("o1") == left
+    for _ in range(3):
+        assert store.record_failed_attempt("o1") is None
     assert state(store, "o1") == "cancelled"
+
+
+def test_a_late_wrong_code_cannot_burn_an_offer_another_receiver_claimed(store: Store) -> None:
+    offer(store, "o1", 1)
+    assert store.claim_offer("o1", NOW)
+    for _ in range(3):
+        assert store.record_failed_attempt("o1") is None
+    got = store.get_offer("o1")
+    assert got is not None and (got.state, got.failed_attempts) == ("paired", 0)
 
 
 def test_claim_offer_is_single_use(store: Store) -> None:

@@ -243,9 +243,11 @@ class ReceiverSession(Session):
             ReceiverState.AWAIT_DECISION,
             ReceiverState.RECEIVING,
         ):
+            if len(payload) > MAX_STATUS_BYTES:
+                raise RemoteProtocolError("the sender sent an oversized status")
             msg = load_json(payload, "status")
             state, detail = msg.get("state"), msg.get("detail", {})
-            if not isinstance(state, str) or len(state) > 64 or not isinstance(detail, dict):
+            if not isinstance(state, str) or not _short_text(state, 64) or not _flat_detail(detail):
                 raise RemoteProtocolError("the sender sent a malformed status")
             self._events.append(ev.Status(state, detail))
         elif inner is Inner.DONE and st is ReceiverState.RECEIVING:
@@ -355,3 +357,26 @@ class ReceiverSession(Session):
                 self.rejected[efi] = reason
                 self._events.append(ev.FileRejected(efi, reason))
             self._hash = None
+
+
+#: A status is a few words for the person (e.g. "waiting for consent"), never bulk data.
+MAX_STATUS_BYTES = 4096
+
+
+def _short_text(value: object, limit: int) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= limit
+
+
+def _flat_detail(detail: object) -> bool:
+    """A status detail: at most 16 short keys with short text, number or flag values."""
+    if not isinstance(detail, dict) or len(detail) > 16:
+        return False
+    for key, value in detail.items():
+        if not _short_text(key, 64):
+            return False
+        if isinstance(value, str):
+            if len(value) > 256:
+                return False
+        elif not isinstance(value, int | float | bool) and value is not None:
+            return False
+    return True

@@ -197,7 +197,7 @@ class ReceiverRun:
             self.job.emit("manifest", manifest_sha256=event.digest, **event.manifest.summary())
             self.s.accept()
         elif isinstance(event, ev.Status):
-            self.job.emit("status", state=event.state, **event.detail)
+            self.job.emit("status", state=event.state, detail=event.detail)
         elif isinstance(event, ev.SenderDone):
             await self._conclude()
         elif isinstance(event, ev.Closed):

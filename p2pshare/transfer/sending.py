@@ -84,6 +84,10 @@ class SenderRun:
             self._on_offer_request(event)
         elif isinstance(event, ev.CodeMismatch):
             left = e.store.record_failed_attempt(self.offer_id)
+            if left is None:  # claimed by another receiver meanwhile: not this one's to burn
+                self.s.refuse("offer-used", OfferUnavailable("used").message)
+                self._done = True
+                return
             e.audit(
                 "pairing-attempt",
                 "wrong-code",

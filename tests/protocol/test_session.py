@@ -816,3 +816,30 @@ def test_unexpected_sealed_message_while_the_sender_decides_is_refused():
         sender.next_event()
     assert info.value.code == "protocol-violation"
     assert sender.state is SenderState.ERROR
+
+
+@pytest.mark.parametrize(
+    "state, detail",
+    [
+        ("waiting", {"blob": "x" * 5000}),  # bulk data dressed as a status
+        ("waiting", {"nested": {"a": 1}}),  # only flat values
+        ("waiting", {f"k{i}": i for i in range(17)}),  # too many keys
+        ("x" * 65, {}),  # an over-long state
+        ("", {}),
+    ],
+)
+def test_a_status_is_a_few_words_never_bulk_data(state, detail):
+    sender, receiver, _, _ = make_pair()
+
+    def on_sender(s, e):
+        if isinstance(e, ev.Paired):
+            s.send_manifest(MANIFEST)
+            s.send_status(state, detail)
+            return True
+        return False
+
+    out = run(sender, receiver, FILES, MANIFEST, on_sender_event=on_sender)
+    assert out.receiver_error is not None
+    assert "status" in out.receiver_error.message
+    assert not [e for e in out.receiver_events if isinstance(e, ev.Status)]
+    assert out.receipt is None
