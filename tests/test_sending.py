@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import pytest
 
 from p2pshare import crypto
 from p2pshare.config import NodeConfig
@@ -83,4 +86,58 @@ def test_the_connection_that_claimed_the_offer_records_its_failure(tmp_path: Pat
     assert ("transfer-failed", "protocol-violation") in [
         (r["action"], r["outcome"]) for r in engine.store.audit.records()
     ]
+    engine.store.close()
+
+
+class _RecordingChannel:
+    """Records what the node sends; recv() waits forever (a peer that never speaks)."""
+
+    peer_address = "192.0.2.7"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    async def send(self, data: bytes | bytearray) -> None:
+        self.sent.append(bytes(data))
+
+    async def recv(self) -> bytes | None:
+        await asyncio.Event().wait()
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_too_many_pairing_connections_are_refused_as_busy(tmp_path: Path) -> None:
+    from p2pshare.protocol.frames import FrameBuffer, FrameType, load_json
+    from p2pshare.transfer import engine as engine_module
+
+    engine, _, _ = _engine(tmp_path)
+    engine.unpaired = engine_module.MAX_UNPAIRED
+    ch = _RecordingChannel()
+    await asyncio.wait_for(engine.serve_sender(ch), 5)
+    buf = FrameBuffer()
+    buf.feed(b"".join(ch.sent))
+    frame = buf.next_frame()
+    assert frame is not None and frame[0] == FrameType.ERROR
+    assert load_json(frame[1], "error")["code"] == "busy"
+    assert ch.closed and engine.unpaired == engine_module.MAX_UNPAIRED
+    assert ("pairing-attempt", "busy") in [
+        (r["action"], r["outcome"]) for r in engine.store.audit.records()
+    ]
+    engine.store.close()
+
+
+async def test_a_peer_that_never_pairs_is_dropped_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pshare.transfer import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PAIRING_DEADLINE_S", 0.2)
+    engine, _, _ = _engine(tmp_path)
+    ch = _RecordingChannel()
+    # recv() never returns: only the pairing deadline can end this (wait_for is a safety net)
+    await asyncio.wait_for(engine.serve_sender(ch), 5)
+    assert ch.closed and engine.unpaired == 0  # its pairing slot was given back
     engine.store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +24,11 @@ from p2pshare.transfer.sending import SenderRun
 
 log = logging.getLogger(__name__)
 
+#: A connection must finish pairing within this many seconds.
+PAIRING_DEADLINE_S = 30.0
+#: At most this many connections may be pairing at once.
+MAX_UNPAIRED = 64
+
 
 @dataclass
 class Engine:
@@ -37,6 +43,8 @@ class Engine:
     offer_job: Callable[[str], Job | None] = field(default=lambda _id: None)
     #: offer id → the task serving it, so that cancelling an offer stops its stream
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    #: peer addresses of connections that have not paired yet (one entry per connection)
+    unpaired: int = 0
 
     def now(self) -> int:
         return int(self.clock())
@@ -69,8 +77,24 @@ class Engine:
     # -- sending side ---------------------------------------------------------------------------
 
     async def serve_sender(self, channel: Channel) -> None:
-        """Handle one receiver that connected to this node's peer endpoint."""
-        run = SenderRun(self, channel)
+        """Handle one receiver that connected to this node's peer endpoint.
+
+        Anyone who can reach the port can connect, so connections that have not paired yet are
+        capped (``MAX_UNPAIRED``) and must pair within ``PAIRING_DEADLINE_S``: a flood of idle
+        connections cannot use up the node's sockets. (Limits per address belong to the relay.)
+        """
+        run = SenderRun(self, channel, deadline=time.monotonic() + PAIRING_DEADLINE_S)
+        address = channel.peer_address
+        if self.unpaired >= MAX_UNPAIRED:
+            log.warning("refused a connection from %s: too many unpaired connections", address)
+            self.audit("pairing-attempt", "busy", address=address)
+            run.s.refuse("busy", "the sending node is busy with other pairings; try again shortly")
+            with contextlib.suppress(P2PShareError):
+                await run.flush()
+            await channel.close()
+            return
+        self.unpaired += 1
+        run.on_paired = self._paired
         try:
             await run.run()
         except P2PShareError as exc:
@@ -79,10 +103,15 @@ class Engine:
             log.exception("sender connection from %s failed unexpectedly", channel.peer_address)
             run.fail(TransferError(f"internal error on the sending node ({type(exc).__name__})"))
         finally:
+            if run.on_paired is not None:
+                run.on_paired()
             run.close_files()
             if run.offer_id and self.running.get(run.offer_id) is asyncio.current_task():
                 del self.running[run.offer_id]
             await channel.close()
+
+    def _paired(self) -> None:
+        self.unpaired -= 1
 
     # -- receiving side -------------------------------------------------------------------------
 

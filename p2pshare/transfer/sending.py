@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from p2pshare import codes, crypto
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class SenderRun:
-    def __init__(self, engine: Engine, channel: Channel) -> None:
+    def __init__(self, engine: Engine, channel: Channel, deadline: float | None = None) -> None:
         e = engine
         self.e = e
         self.ch = channel
@@ -54,14 +55,18 @@ class SenderRun:
         self._done = False
         #: True once this connection won the offer; only then may it fail or finish the offer.
         self._claimed = False
+        #: monotonic time by which pairing must be complete
+        self._deadline = deadline
+        #: called once when this connection pairs (or ends unpaired): frees its pairing slot
+        self.on_paired: Callable[[], None] | None = None
 
     async def run(self) -> None:
         while not self._done:
             if self.s.window_open:
                 self._send_one_chunk()
-                await self._flush()
+                await self.flush()
                 continue
-            data = await self.ch.recv()
+            data = await self._recv()
             if data is None:
                 if not self._done:
                     raise ConnectionLost("the receiver closed the connection before the receipt")
@@ -71,9 +76,20 @@ class SenderRun:
                 while (event := self.s.next_event()) is not None:
                     self._on_event(event)
             finally:
-                await self._flush()
+                await self.flush()
 
-    async def _flush(self) -> None:
+    async def _recv(self) -> bytes | None:
+        if self._claimed or self._deadline is None:
+            return await self.ch.recv()
+        try:
+            async with asyncio.timeout_at(
+                asyncio.get_running_loop().time() + max(0.0, self._deadline - time.monotonic())
+            ):
+                return await self.ch.recv()
+        except TimeoutError:
+            raise ConnectionLost("the receiver did not finish pairing in time") from None
+
+    async def flush(self) -> None:
         out = self.s.data_to_send()
         if out:
             await self.ch.send(out)
@@ -129,6 +145,9 @@ class SenderRun:
                 self._done = True
                 return
             self._claimed = True
+            if self.on_paired is not None:
+                self.on_paired()
+                self.on_paired = None
             # Only the connection that claimed the offer may be stopped by cancelling it; a
             # hostile connection naming the same offer never replaces it here.
             task = asyncio.current_task()
