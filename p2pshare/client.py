@@ -51,7 +51,12 @@ class NodeClient:
                 headers={"Authorization": f"Bearer {self.token}"},
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
             ) as resp:
-                data = await resp.json(content_type=None)
+                try:
+                    data = await resp.json(content_type=None)
+                except ValueError:
+                    raise ConfigError(
+                        f"{self.base_url} answered, but it is not a p2pshare node; check --node"
+                    ) from None
                 if resp.status >= 400:
                     code = data.get("error", "error") if isinstance(data, dict) else "error"
                     msg = (

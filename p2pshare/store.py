@@ -187,7 +187,7 @@ class Store:
         """
         if not spoken:
             return self.get_offer(ref)
-        if not ref.isdigit():
+        if not (ref.isascii() and ref.isdigit() and len(ref) <= 7):
             return None
         row = self.db.execute(
             "SELECT * FROM offers WHERE number = ? ORDER BY (state = 'active') DESC, created DESC "

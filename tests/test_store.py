@@ -465,3 +465,9 @@ def test_live_offers_lists_only_waiting_offers(tmp_path: Path) -> None:
         assert sorted(store.live_offers()) == [(f"{0:032x}", 100), (f"{2:032x}", 102)]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("ref", ["²", "1" * 40, "-1", " 1", ""])
+def test_odd_spoken_offer_numbers_find_nothing_and_raise_nothing(store: Store, ref: str) -> None:
+    offer(store, "o1", 1)
+    assert store.find_offer(ref, spoken=True) is None

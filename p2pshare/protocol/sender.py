@@ -322,7 +322,7 @@ class SenderSession(Session):
                 raise RemoteProtocolError("the receipt is for another manifest", "integrity")
             self.state = SenderState.DONE
             self._events.append(ev.Receipt(receipt, sig))
-        elif inner is Inner.CLOSE:
+        elif inner is Inner.CLOSE and st is SenderState.DONE:
             self._events.append(ev.Closed())
         else:
             raise RemoteProtocolError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from p2pshare.transfer.engine import Engine
 
 log = logging.getLogger(__name__)
+
+#: After signing the receipt, how long to wait for the sender's orderly CLOSE.
+CLOSE_WAIT_S = 10.0
 
 
 class ReceiverRun:
@@ -65,6 +69,8 @@ class ReceiverRun:
         self._started = time.monotonic()
         self.receipt: dict[str, Any] | None = None
         self._closed = False
+        #: the sender fingerprint a QR code names; the node that answers must have it
+        self._expected_fp = code.fingerprint if isinstance(code, codes.QrOffer) else ""
 
     @property
     def manifest(self) -> Manifest:
@@ -76,7 +82,15 @@ class ReceiverRun:
         await self._flush()
         try:
             while not self._closed:
-                data = await self.ch.recv()
+                if self.receipt is not None:
+                    # Everything is in place and signed for; wait only briefly for CLOSE.
+                    try:
+                        async with asyncio.timeout(CLOSE_WAIT_S):
+                            data = await self.ch.recv()
+                    except TimeoutError:
+                        break
+                else:
+                    data = await self.ch.recv()
                 if data is None:
                     break
                 self.s.receive_data(data)
@@ -88,9 +102,10 @@ class ReceiverRun:
         except RemoteProtocolError as exc:
             raise self._as_transfer_error(exc) from exc
         except ConnectionLost:
-            # Noticed while sending an acknowledgement rather than while reading: the person
-            # still needs to hear how much arrived and what to do.
-            if self.receipt is not None or self.s.manifest is None:
+            # After the receipt the study is complete whatever the connection does. Before it,
+            # a loss noticed while sending an acknowledgement rather than while reading still
+            # owes the person how much arrived and what to do (below).
+            if self.receipt is None and self.s.manifest is None:
                 raise
         finally:
             if self.staging is not None:
@@ -134,6 +149,22 @@ class ReceiverRun:
             log.warning("file #%d rejected: hash mismatch", event.file_index)
             await self.staging.rejected(event.file_index, event.reason)
         elif isinstance(event, ev.PeerIdentity):
+            if self._expected_fp and event.fingerprint != self._expected_fp:
+                e.audit(
+                    "peer-key-changed",
+                    "refused",
+                    name=event.name,
+                    fingerprint=event.fingerprint,
+                    expected=self._expected_fp,
+                    address=self.ch.peer_address,
+                )
+                self.s.refuse("wrong-node", "the receiving node expected another sending node")
+                await self._flush()
+                raise TrustError(
+                    f"the node that answered ({event.name} [{event.fingerprint}]) is not the one "
+                    f"in the QR code [{self._expected_fp}]; nothing was received. Check with the "
+                    f"sender and scan their QR code again"
+                )
             try:
                 first = e.pin_peer(event, self.ch.peer_address)
             except PeerKeyChanged:

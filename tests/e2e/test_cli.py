@@ -482,3 +482,47 @@ async def test_spoken_code_can_name_a_known_institution_instead_of_an_address(
         )
         assert got.code == 0, got.stdout + got.stderr
         assert tree_hashes(tmp_path / "two") == tree_hashes(study)
+
+
+async def test_a_qr_code_only_pairs_with_the_node_whose_fingerprint_it_carries(
+    nodes: tuple[NodeProc, NodeProc], cli: Cli, study: Path, tmp_path: Path
+) -> None:
+    from urllib.parse import parse_qs, urlencode, urlsplit
+
+    sender, receiver = nodes
+    send = await cli.start(
+        "send", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
+    )
+    offer = await cli.first_json(send, "offer")
+    parts = urlsplit(offer["uri"])
+    query = parse_qs(parts.query)
+    query["fp"] = ["AAAA-AAAA-AAAA-AAAA-AAAA-AAAA"]  # a QR printed for another node
+    forged = parts._replace(query=urlencode(query, doseq=True)).geturl()
+    got = await cli.run(
+        "receive",
+        forged,
+        "--node",
+        receiver.url,
+        "--data-dir",
+        str(receiver.data_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+    )
+    assert got.code == 1
+    assert "is not the one in the QR code" in got.events("error")[-1]["message"]
+    assert not (tmp_path / "out").exists() or not received_files(tmp_path / "out")
+    # the offer itself is untouched: the genuine QR code still works
+    ok = await cli.run(
+        "receive",
+        offer["uri"],
+        "--node",
+        receiver.url,
+        "--data-dir",
+        str(receiver.data_dir),
+        "--out",
+        str(tmp_path / "out2"),
+        "--json",
+    )
+    assert ok.code == 0, ok.stdout
+    assert (await cli.finish(send, seen=[offer])).code == 0

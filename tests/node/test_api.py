@@ -763,3 +763,28 @@ async def test_an_unexpected_error_is_a_500_without_details(
         {"error": "internal", "message": "internal error; see the node's log"},
     )
     assert "secret detail" not in res.text and "DOE^JOHN" not in res.text
+
+
+async def test_client_explains_a_server_that_is_not_a_node() -> None:
+    """`--node` pointing at some other web server: a sentence, not a JSON traceback."""
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from p2pshare.client import NodeClient
+    from p2pshare.errors import ConfigError
+
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(text="<html>hello</html>")
+
+    app = web.Application()
+    app.router.add_get("/api/v1/info", page)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            client = NodeClient(str(server.make_url("/")), "token", http)
+            with pytest.raises(ConfigError, match="not a p2pshare node"):
+                await client.info()
+    finally:
+        await server.close()

@@ -843,3 +843,19 @@ def test_a_status_is_a_few_words_never_bulk_data(state, detail):
     assert "status" in out.receiver_error.message
     assert not [e for e in out.receiver_events if isinstance(e, ev.Status)]
     assert out.receipt is None
+
+
+def test_a_receiver_that_closes_before_the_receipt_breaks_the_protocol():
+    """An early CLOSE must not end the sender's run as if all were well (its offer would hang)."""
+    sender, receiver, _, _ = make_pair()
+
+    def on_receiver(r, e):
+        if isinstance(e, ev.ManifestOffer):
+            r.close()  # instead of accept()
+            return True
+        return False
+
+    out = run(sender, receiver, FILES, MANIFEST, on_receiver_event=on_receiver)
+    assert out.sender_error is not None and out.sender_error.code == "protocol-violation"
+    assert not [e for e in out.sender_events if isinstance(e, ev.Closed)]
+    assert out.receipt is None
