@@ -6,8 +6,12 @@ while earlier chunks are written (file writes, hashing and libsodium release the
 * a **write thread** appends chunks, in order, to ``<staging>/<index>.part``;
 * a **commit thread** takes every file whose hash has matched since its last round, makes their
   data durable with one ``syncfs`` for the whole batch, checks that each file's DICOM header
-  names the instance and study the manifest promised, and renames it to
-  ``<out>/<study UID>/<series UID>/<SOP UID>.dcm``.
+  names the instance and study the manifest promised, and links it to
+  ``<out>/<study UID>/<series UID>/<SOP UID>.dcm``: never over a file already there (the same
+  bytes are accepted as already delivered; different bytes are refused and left alone).
+
+The staging folder is private (0700, files 0600) and removed when the transfer ends, whatever
+the outcome; placed instances are readable by the node's group (0640).
 
 So a file under its final name is always verified and complete on disk, and batching the flush
 (rather than one ``fdatasync`` per file, each waiting for a journal commit) lets the disk work
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import os
 import shutil
 from collections import deque
@@ -37,6 +42,18 @@ from p2pshare.errors import DicomError, TransferError
 from p2pshare.manifest import Manifest
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+#: Placed instances: readable by the node's group (e.g. a PACS import service), nobody else.
+PLACED_MODE = 0o640
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def syncfs(path: Path) -> None:
@@ -75,7 +92,9 @@ class Staging:
         self._error: BaseException | None = None
         self._fh: IO[bytes] | None = None  # write thread only
         self._dirs: set[Path] = set()  # commit thread only
-        staging_dir.mkdir(parents=True, exist_ok=True)
+        # Patient data: the staging area is private to the node's user.
+        staging_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        staging_dir.mkdir(mode=0o700, exist_ok=True)
 
     # -- called on the event loop ---------------------------------------------------------------
 
@@ -183,7 +202,8 @@ class Staging:
     ) -> None:
         if chunk_index == 0:
             self._close_sync()
-            self._fh = open(self._part(file_index), "wb")  # noqa: SIM115 - spans calls
+            fd = os.open(self._part(file_index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._fh = os.fdopen(fd, "wb")
         assert self._fh is not None
         self._fh.write(data)
         if last:
@@ -210,7 +230,20 @@ class Staging:
             part.unlink(missing_ok=True)
             return problem
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, final)
+        os.chmod(part, PLACED_MODE)
+        try:
+            # A link, not a rename: it never replaces a file already there.
+            os.link(part, final)
+        except FileExistsError:
+            same = _sha256(final) == inst.sha256
+            part.unlink()
+            if not same:
+                return (
+                    "a different file with this SOP Instance UID is already in the destination; "
+                    "it was left as it was"
+                )
+        else:
+            part.unlink()
         self._dirs.update((final.parent, final.parent.parent))
         return None
 

@@ -1,8 +1,9 @@
 """A node's state in SQLite: offers, receiving transfers, pinned peers, receipts, audit.
 
 SQLite is the embedded default so that nothing else has to run for a node to work. The database
-file and the data directory are private to the node's user (0600 / 0700): offers hold their
-codes until they end, so that a node restarted while waiting still honours them.
+file and the data directory are private to the node's user (0600 / 0700): a waiting offer holds
+its code, so that a node restarted while waiting still honours it, and forgets it the moment it
+is claimed, expires, is burnt or cancelled.
 
 All methods are short, synchronous statements called from the event loop thread; nothing here
 runs long enough to matter (no per-chunk writes).
@@ -209,6 +210,14 @@ class Store:
         cols = ", ".join(f"{k} = ?" for k in ["state", *fields])
         values = [state, *(json.dumps(v) if isinstance(v, dict) else v for v in fields.values())]
         self.db.execute(f"UPDATE offers SET {cols} WHERE id = ?", (*values, offer_id))
+        self._forget_code(offer_id)
+
+    def _forget_code(self, offer_id: str) -> None:
+        """An offer that can no longer be paired with keeps no code or secret at rest."""
+        self.db.execute(
+            "UPDATE offers SET spoken_code = '', qr_secret = x'' WHERE id = ? AND state != ?",
+            (offer_id, ACTIVE),
+        )
 
     def claim_offer(self, offer_id: str, now: int) -> bool:
         """Atomically move a live, unexpired offer to PAIRED. False if someone else was first."""
@@ -216,6 +225,7 @@ class Store:
             "UPDATE offers SET state = ? WHERE id = ? AND state = ? AND expires > ?",
             (PAIRED, offer_id, ACTIVE, now),
         )
+        self._forget_code(offer_id)
         return cur.rowcount == 1
 
     def record_failed_attempt(self, offer_id: str) -> int | None:
@@ -238,6 +248,7 @@ class Store:
             left = max(0, MAX_FAILED_ATTEMPTS - int(row[0]))
             if left == 0:
                 self.db.execute("UPDATE offers SET state = ? WHERE id = ?", (BURNT, offer_id))
+                self._forget_code(offer_id)
         return left
 
     def expire_offers(self, now: int) -> list[str]:

@@ -462,3 +462,50 @@ async def test_no_more_than_max_pending_writes_are_held(harness: Harness, study:
     assert slow.most_held == 5
     assert max(queued_after_write) <= 4
     assert (s.dir / "4.part").read_bytes() == chunk
+
+
+# -- never over a file already there; private while staged ------------------------------------------
+
+
+async def test_a_file_already_in_place_is_never_replaced(
+    harness: Harness, study: StudyScan
+) -> None:
+    m = study.manifest
+    target = final_path(harness.out, m, 0)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"an earlier, different file with the same SOP Instance UID")
+    s = harness.make(m)
+    await send_verified(s, study, 0)
+    await s.sync()
+    assert target.read_bytes() == b"an earlier, different file with the same SOP Instance UID"
+    assert s.placed == 0 and "already in the destination" in s.failures[0]
+    assert list(s.dir.iterdir()) == []
+
+
+async def test_the_same_instance_delivered_twice_is_accepted(
+    harness: Harness, study: StudyScan
+) -> None:
+    m = study.manifest
+    target = final_path(harness.out, m, 1)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(data(study, 1))
+    s = harness.make(m)
+    await send_verified(s, study, 1)
+    await s.sync()
+    assert (s.placed, s.failures) == (1, {})
+    assert target.read_bytes() == data(study, 1)
+
+
+async def test_staged_data_is_private_and_placed_files_group_readable(
+    harness: Harness, study: StudyScan
+) -> None:
+    m = study.manifest
+    s = harness.make(m)
+    assert s.dir.stat().st_mode & 0o777 == 0o700
+    assert s.dir.parent.stat().st_mode & 0o777 == 0o700
+    await send_file(s, m, 0, data(study, 0)[: CHUNK * 2])  # two of three chunks: still staged
+    await s.settle()
+    assert (s.dir / "0.part").stat().st_mode & 0o777 == 0o600
+    await send_verified(s, study, 4)
+    await s.sync()
+    assert final_path(harness.out, m, 4).stat().st_mode & 0o777 == staging_module.PLACED_MODE

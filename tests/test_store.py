@@ -471,3 +471,23 @@ def test_live_offers_lists_only_waiting_offers(tmp_path: Path) -> None:
 def test_odd_spoken_offer_numbers_find_nothing_and_raise_nothing(store: Store, ref: str) -> None:
     offer(store, "o1", 1)
     assert store.find_offer(ref, spoken=True) is None
+
+
+@pytest.mark.parametrize("end", ["claim", "expire", "burn", "cancel"])
+def test_an_offer_forgets_its_code_once_it_can_no_longer_be_paired(store: Store, end: str) -> None:
+    offer(store, "o1", 1)
+    assert store.get_offer("o1").spoken_code  # type: ignore[union-attr]  # kept while waiting
+    if end == "claim":
+        assert store.claim_offer("o1", NOW)
+    elif end == "expire":
+        store.expire_offers(10**12)
+    elif end == "burn":
+        for _ in range(MAX_FAILED_ATTEMPTS):
+            store.record_failed_attempt("o1")
+    else:
+        store.set_offer_state("o1", "cancelled")
+    got = store.get_offer("o1")
+    assert got is not None and got.state != "active"
+    assert (got.spoken_code, got.qr_secret) == ("", b"")
+    raw = store.db.execute("SELECT spoken_code, qr_secret FROM offers WHERE id='o1'").fetchone()
+    assert (raw[0], bytes(raw[1])) == ("", b"")

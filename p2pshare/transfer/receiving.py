@@ -109,7 +109,8 @@ class ReceiverRun:
                 raise
         finally:
             if self.staging is not None:
-                await self.staging.close(remove_staging=self.receipt is not None)
+                # Nothing is resumed yet, so partial patient data is never left behind.
+                await self.staging.close(remove_staging=True)
         if self.receipt is None:
             total = len(self.manifest.instances) if self.s.manifest else 0
             if total:
