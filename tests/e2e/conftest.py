@@ -103,6 +103,14 @@ class Cli:
     async def run(self, *args: str, timeout: float = 120) -> CliResult:
         return await self.finish(await self.start(*args), timeout)
 
+    async def receive_at(
+        self, node: NodeProc, code: str, out: str, *extra: str, as_json: bool = True
+    ) -> CliResult:
+        """`p2pshare receive CODE` driving the running node ``node`` into ``out``."""
+        args = ["receive", code, "--node", node.url, "--data-dir", str(node.data_dir)]
+        args += ["--out", out, *extra, *(["--json"] if as_json else [])]
+        return await self.run(*args)
+
 
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:

@@ -87,33 +87,13 @@ async def test_qr_uri_through_running_nodes(
         "send", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
     )
     offer = await cli.first_json(send, "offer")
-    received = await cli.run(
-        "receive",
-        offer["uri"],
-        "--node",
-        receiver.url,
-        "--data-dir",
-        str(receiver.data_dir),
-        "--out",
-        str(out),
-        "--json",
-    )
+    received = await cli.receive_at(receiver, offer["uri"], str(out))
     sent = await cli.finish(send, seen=[offer])
     assert received.code == 0, received.stdout + received.stderr
     assert sent.code == 0
     assert tree_hashes(out) == tree_hashes(study)
     # the offer is now used: the same link gets a clear refusal and writes nothing
-    again = await cli.run(
-        "receive",
-        offer["uri"],
-        "--node",
-        receiver.url,
-        "--data-dir",
-        str(receiver.data_dir),
-        "--out",
-        str(tmp_path / "again"),
-        "--json",
-    )
+    again = await cli.receive_at(receiver, offer["uri"], str(tmp_path / "again"))
     assert again.code == 2
     err = again.events("error")[-1]
     assert "already been used" in err["message"]
@@ -192,18 +172,12 @@ async def test_changed_identity_of_a_pinned_sender_is_refused_until_forgotten(
                     "--json",
                 )
                 offer = await cli.first_json(send, "offer")
-                got = await cli.run(
-                    "receive",
+                got = await cli.receive_at(
+                    trauma,
                     offer["code"],
+                    str(tmp_path / f"out-{attempt}"),
                     "--from",
                     sender.address,
-                    "--node",
-                    trauma.url,
-                    "--data-dir",
-                    str(trauma.data_dir),
-                    "--out",
-                    str(tmp_path / f"out-{attempt}"),
-                    "--json",
                 )
                 if send.returncode is None:
                     send.kill()
@@ -381,32 +355,10 @@ async def test_logs_hold_no_code_or_patient_name_and_audit_chain_holds(
     offer = await cli.first_json(send, "offer")
     number, *words = offer["code"].split("-")
     wrong = "-".join([number, *reversed(words)])
-    bad = await cli.run(
-        "receive",
-        wrong,
-        "--from",
-        sender.address,
-        "--node",
-        receiver.url,
-        "--data-dir",
-        str(receiver.data_dir),
-        "--out",
-        str(tmp_path / "o"),
-        "--json",
-    )
+    bad = await cli.receive_at(receiver, wrong, str(tmp_path / "o"), "--from", sender.address)
     assert bad.code == 2
-    good = await cli.run(
-        "receive",
-        offer["code"],
-        "--from",
-        sender.address,
-        "--node",
-        receiver.url,
-        "--data-dir",
-        str(receiver.data_dir),
-        "--out",
-        str(tmp_path / "o"),
-        "--json",
+    good = await cli.receive_at(
+        receiver, offer["code"], str(tmp_path / "o"), "--from", sender.address
     )
     assert good.code == 0, good.stdout
     assert (await cli.finish(send, seen=[offer])).code == 0
@@ -449,17 +401,13 @@ async def test_spoken_code_can_name_a_known_institution_instead_of_an_address(
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
         # unknown yet: a clear refusal, nothing started
-        unknown = await cli.run(
-            "receive",
+        unknown = await cli.receive_at(
+            receiver,
             "1-aardvark-asparagus-cinnamon-dominoes",
+            str(tmp_path / "x"),
             "--from",
             "Referring Hospital ED",
-            "--node",
-            receiver.url,
-            "--data-dir",
-            str(receiver.data_dir),
-            "--out",
-            str(tmp_path / "x"),
+            as_json=False,
         )
         assert unknown.code == 2 and "neither host:port nor a known institution" in unknown.stderr
         first = await s_api.create_offer(str(study), None, None)
@@ -467,18 +415,8 @@ async def test_spoken_code_can_name_a_known_institution_instead_of_an_address(
         assert [e async for e in r_api.events(job)][-1]["event"] == "complete"
         # second time, the name is enough: its last address was remembered with the pin
         second = await s_api.create_offer(str(study), None, None)
-        got = await cli.run(
-            "receive",
-            second["code"],
-            "--from",
-            "Referring Hospital ED",
-            "--node",
-            receiver.url,
-            "--data-dir",
-            str(receiver.data_dir),
-            "--out",
-            str(tmp_path / "two"),
-            "--json",
+        got = await cli.receive_at(
+            receiver, second["code"], str(tmp_path / "two"), "--from", "Referring Hospital ED"
         )
         assert got.code == 0, got.stdout + got.stderr
         assert tree_hashes(tmp_path / "two") == tree_hashes(study)
@@ -498,31 +436,11 @@ async def test_a_qr_code_only_pairs_with_the_node_whose_fingerprint_it_carries(
     query = parse_qs(parts.query)
     query["fp"] = ["AAAA-AAAA-AAAA-AAAA-AAAA-AAAA"]  # a QR printed for another node
     forged = parts._replace(query=urlencode(query, doseq=True)).geturl()
-    got = await cli.run(
-        "receive",
-        forged,
-        "--node",
-        receiver.url,
-        "--data-dir",
-        str(receiver.data_dir),
-        "--out",
-        str(tmp_path / "out"),
-        "--json",
-    )
+    got = await cli.receive_at(receiver, forged, str(tmp_path / "out"))
     assert got.code == 1
     assert "is not the one in the QR code" in got.events("error")[-1]["message"]
     assert not (tmp_path / "out").exists() or not received_files(tmp_path / "out")
     # the offer itself is untouched: the genuine QR code still works
-    ok = await cli.run(
-        "receive",
-        offer["uri"],
-        "--node",
-        receiver.url,
-        "--data-dir",
-        str(receiver.data_dir),
-        "--out",
-        str(tmp_path / "out2"),
-        "--json",
-    )
+    ok = await cli.receive_at(receiver, offer["uri"], str(tmp_path / "out2"))
     assert ok.code == 0, ok.stdout
     assert (await cli.finish(send, seen=[offer])).code == 0
