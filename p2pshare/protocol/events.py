@@ -72,6 +72,15 @@ class Status(Event):
 
 
 @dataclass(frozen=True)
+class ConsentGranted(Event):
+    """Receiver: the sender's signed consent record verified (see ``protocol/consent.py``)."""
+
+    record: dict[str, Any]
+    raw: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Chunk(Event):
     """Receiver: an authenticated chunk, in order; write ``data`` at ``offset`` of the file."""
 

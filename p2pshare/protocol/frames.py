@@ -63,6 +63,7 @@ class Inner(IntEnum):
     DONE = 13  # sender has sent every chunk
     RECEIPT = 14  # receiver's signed receipt
     STATUS = 15  # sender-side status the receiver should show (e.g. waiting for consent)
+    CONSENT = 16  # sender's signed consent record; required before the first chunk
     ERROR = 20  # an error after pairing, authenticated
     CLOSE = 21  # orderly end
 

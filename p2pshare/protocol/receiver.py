@@ -11,6 +11,7 @@ from typing import Any
 from p2pshare import crypto
 from p2pshare.errors import CryptoError, ManifestError, RemoteProtocolError
 from p2pshare.manifest import Manifest
+from p2pshare.protocol import consent
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.frames import (
     CHUNK_HEADER,
@@ -79,6 +80,8 @@ class ReceiverSession(Session):
         self.verified: set[int] = set()
         self.rejected: dict[int, str] = {}
         self._have: dict[int, int] = {}
+        #: the verified consent record; no chunk is accepted before it
+        self.consent: dict[str, Any] | None = None
 
     def _is_error(self) -> bool:
         return self.state is ReceiverState.ERROR
@@ -239,6 +242,11 @@ class ReceiverSession(Session):
             self.state = ReceiverState.ERROR
         elif inner is Inner.MANIFEST and st is ReceiverState.AWAIT_MANIFEST:
             self._handle_manifest(payload)
+        elif inner is Inner.CONSENT and st in (
+            ReceiverState.AWAIT_DECISION,
+            ReceiverState.RECEIVING,
+        ):
+            self._handle_consent(payload)
         elif inner is Inner.STATUS and st in (
             ReceiverState.AWAIT_DECISION,
             ReceiverState.RECEIVING,
@@ -267,6 +275,24 @@ class ReceiverSession(Session):
             raise RemoteProtocolError(
                 f"the sender sent {inner.name} while this node was in state {st.value}"
             )
+
+    def _handle_consent(self, payload: bytes) -> None:
+        if self.consent is not None:
+            raise RemoteProtocolError("the sender sent a second consent record", "consent")
+        n = int.from_bytes(payload[:4], "big") if len(payload) >= 4 else -1
+        raw = payload[4 : 4 + n]
+        sig = payload[4 + n :]
+        if n < 0 or len(raw) != n or len(sig) != crypto.SIGNATURE_BYTES:
+            raise RemoteProtocolError("the sender sent a truncated consent record", "consent")
+        self.consent = consent.check(
+            raw,
+            sig,
+            sender_key=self.peer_key,
+            receiver_key=self._pk,
+            offer_id=self.offer_id,
+            manifest_sha256=self.manifest_digest,
+        )
+        self._events.append(ev.ConsentGranted(self.consent, raw, sig))
 
     def _handle_manifest(self, payload: bytes) -> None:
         if len(payload) < 4:
@@ -301,6 +327,12 @@ class ReceiverSession(Session):
 
     def _handle_chunk(self, body: bytes | memoryview) -> None:
         assert self.manifest is not None
+        if self.consent is None:
+            raise RemoteProtocolError(
+                "the sender sent images before showing that the transfer was authorised; "
+                "nothing was kept",
+                "consent",
+            )
         if len(body) < CHUNK_HEADER.size + crypto.TAG_BYTES:
             raise RemoteProtocolError("the sender sent a truncated chunk")
         header = bytes(body[: CHUNK_HEADER.size])

@@ -76,6 +76,8 @@ class SenderSession(Session):
         self._sent = 0
         self._acked = 0
         self._manifest_digest = ""
+        #: no chunk leaves before the signed consent record went out (send_consent)
+        self.consent_sent = False
 
     def _is_error(self) -> bool:
         return self.state is SenderState.ERROR
@@ -152,10 +154,30 @@ class SenderSession(Session):
         )
         self._seal(Inner.STATUS, dump_json({"state": state, "detail": detail or {}}))
 
+    def send_consent(self, record: bytes, signature: bytes) -> None:
+        """Send the signed consent record; only now may chunks follow."""
+        require(
+            self.state in (SenderState.AWAIT_ACCEPT, SenderState.SENDING),
+            f"send_consent in state {self.state}",
+        )
+        require(not self.consent_sent, "the consent record was already sent")
+        self._seal(Inner.CONSENT, len(record).to_bytes(4, "big") + record + signature)
+        self.consent_sent = True
+
+    @property
+    def manifest_digest(self) -> str:
+        return self._manifest_digest
+
+    @property
+    def awaiting_consent(self) -> bool:
+        """Accepted by the receiver, but the consent record has not gone out yet."""
+        return self.state is SenderState.SENDING and not self.consent_sent
+
     @property
     def window_open(self) -> bool:
         return (
             self.state is SenderState.SENDING
+            and self.consent_sent
             and bool(self._plan)
             and self._sent - self._acked < self.window
         )
@@ -169,7 +191,7 @@ class SenderSession(Session):
         return fi, ci, ci * m.chunk_size, m.chunk_length(fi, ci)
 
     def send_chunk(self, file_index: int, chunk_index: int, data: bytes) -> None:
-        require(self.window_open, "send_chunk with the window closed")
+        require(self.window_open, "send_chunk with the window closed or before consent")
         nxt = self.next_chunk()
         assert nxt is not None and self.manifest is not None
         require(

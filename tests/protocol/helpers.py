@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from p2pshare import crypto
 from p2pshare.errors import RemoteProtocolError
 from p2pshare.manifest import Instance, Manifest, Series
+from p2pshare.protocol import consent
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.frames import CHUNK_HEADER, MAX_FRAME, FrameBuffer, FrameType, encode
 from p2pshare.protocol.receiver import ReceiverSession
@@ -36,7 +37,18 @@ def make_files(count: int = 3, size: int = 10_000, seed: int = 0) -> list[bytes]
     return [rng.randbytes(size + i * 777) for i in range(count)]
 
 
+def stream_ordered_numbers(count: int) -> list[int]:
+    """Instance numbers under which the stream order (middle slice first) is manifest order.
+
+    The hostile tests count chunks on the wire ("the 5th chunk is file 1"), so the first file
+    carries the middle number and the others the rest, ascending.
+    """
+    middle = count // 2 + 1
+    return [middle] + [n for n in range(1, count + 1) if n != middle]
+
+
 def make_manifest(files: list[bytes], chunk_size: int = 4096) -> Manifest:
+    numbers = stream_ordered_numbers(len(files))
     return Manifest(
         study_instance_uid=STUDY,
         study_description="CT TRAUMA",
@@ -51,7 +63,7 @@ def make_manifest(files: list[bytes], chunk_size: int = 4096) -> Manifest:
                 transfer_syntax_uid="1.2.840.10008.1.2.1",
                 size=len(data),
                 sha256=hashlib.sha256(data).hexdigest(),
-                instance_number=i + 1,
+                instance_number=numbers[i],
             )
             for i, data in enumerate(files)
         ),
@@ -124,6 +136,7 @@ def run(
     have: dict[int, int] | None = None,
     on_sender_event: Hook | None = None,
     on_receiver_event: Hook | None = None,
+    consent: bool = True,
 ) -> Outcome:
     """Drive both sessions until both stop; every byte from S to R passes ``tamper_s2r``
     (and from R to S ``tamper_r2s``).
@@ -149,6 +162,9 @@ def run(
                     sender.trust_peer()
                 elif isinstance(e, ev.Paired):
                     sender.send_manifest(manifest)
+                elif isinstance(e, ev.Accepted) and consent and sender.awaiting_consent:
+                    record, sig = consent_record_for(sender)
+                    sender.send_consent(record, sig)
                 elif isinstance(e, ev.Receipt):
                     sender.close()
         except RemoteProtocolError as exc:
@@ -214,6 +230,31 @@ def run(
         if not r2s and not s2r and not sender.window_open:
             break
     return out
+
+
+def consent_record_for(
+    sender: SenderSession, decision: str = "approved", **changes: object
+) -> tuple[bytes, bytes]:
+    """A consent record as the sending node signs it, for the paired receiver."""
+    fields: dict[str, object] = {
+        "offer_id": OFFER_ID,
+        "manifest_sha256": sender.manifest_digest,
+        "sender_fingerprint": crypto.fingerprint(sender._pk),
+        "destination_fingerprint": crypto.fingerprint(sender.peer_key),
+        "destination_name": sender.peer_name,
+        "intended_destination": None,
+        "shown_to_decider": "verified",
+        "decision": decision,
+        "decided_by": {"role": "patient"},
+        "method": {"approved": "phone-link", "break-glass": "break-glass"}.get(
+            decision, "policy-none"
+        ),
+        "policy": "patient",
+        "at": 1_700_000_000,
+    }
+    fields.update(changes)
+    record = consent.build(**fields)  # type: ignore[arg-type]
+    return record, sender._sign(consent.sign_bytes(record))
 
 
 # -- working on whole frames ------------------------------------------------------------------

@@ -49,6 +49,7 @@ def test_wire_constants():
         "DONE": 13,
         "RECEIPT": 14,
         "STATUS": 15,
+        "CONSENT": 16,
         "ERROR": 20,
         "CLOSE": 21,
     }
@@ -192,7 +193,7 @@ def test_unknown_frame_types(value):
 def test_known_frame_and_message_types():
     assert check_type(0x11) is FrameType.CHUNK
     assert inner_type(10) is Inner.MANIFEST
-    for value in (0, 4, 9, 16, 22, 255):
+    for value in (0, 4, 9, 17, 22, 255):
         with pytest.raises(RemoteProtocolError) as info:
             inner_type(value)
         assert f"unknown message type {value}" in info.value.message

@@ -37,6 +37,7 @@ from tests.protocol.helpers import (
     SERIES,
     FrameTamper,
     Outcome,
+    consent_record_for,
     flip,
     forge_chunk,
     make_files,
@@ -460,6 +461,7 @@ def test_forged_chunk_with_valid_seal_but_wrong_position_is_out_of_order():
 
     def on_sender(s, e):
         if isinstance(e, ev.Accepted):
+            s.send_consent(*consent_record_for(s))
             # a correctly sealed chunk, but for a position the receiver does not expect
             s._out.append(forge_chunk(s, 2, 0, FILES[2][:4096], 0))
             return True
@@ -1230,7 +1232,7 @@ def test_chunk_aad_binds_protocol_type_transfer_and_header():
     first = next(f for f in wire_frames(out.wire_s2r) if f.chunk_no == 0)
     header, ct = first.body[: CHUNK_HEADER.size], first.body[CHUNK_HEADER.size :]
     key = receiver._recv_key  # the s2r data key
-    counter = 1  # the MANIFEST used 0
+    counter = 2  # the MANIFEST used 0, the CONSENT record 1
     aad = b"p2pshare/1" + bytes([FrameType.CHUNK]) + receiver.transfer_id + header
     assert crypto.open_sealed(key, counter, ct, aad) == FILES[0][:4096]
     for wrong in (

@@ -25,6 +25,7 @@ from tests.protocol.helpers import (
     OFFER_ID,
     PASSWORD,
     SERIES,
+    consent_record_for,
     make_files,
     make_manifest,
     make_pair,
@@ -76,7 +77,7 @@ def test_happy_path_delivers_identical_files_and_a_signed_receipt():
     ]
     n_chunks = sum(MANIFEST.chunk_count(i) for i in range(3))
     assert kinds(out.receiver_events) == (
-        ["PeerIdentity", "Paired", "ManifestOffer"]
+        ["PeerIdentity", "Paired", "ManifestOffer", "ConsentGranted"]
         + (["Chunk"] * 3 + ["FileVerified"]) * 3
         + ["SenderDone", "Closed"]
     )
@@ -309,6 +310,8 @@ def test_window_closes_after_window_chunks_and_reopens_on_ack():
     sender.receive_data(receiver.data_to_send())
     assert isinstance(sender.next_event(), ev.Accepted)
     assert sender.state is SenderState.SENDING
+    assert not sender.window_open  # nothing flows before the consent record
+    sender.send_consent(*consent_record_for(sender))
 
     sent = []
     while sender.window_open:
@@ -328,7 +331,7 @@ def test_window_closes_after_window_chunks_and_reopens_on_ack():
     got = []
     while (e := receiver.next_event()) is not None:
         got.append(e)
-    assert kinds(got) == ["Chunk", "Chunk", "Chunk", "FileVerified"]
+    assert kinds(got) == ["ConsentGranted", "Chunk", "Chunk", "Chunk", "FileVerified"]
     sender.receive_data(receiver.data_to_send())
     assert sender.next_event() is None  # ACKs are silent
     assert sender.unacked == 0 and sender.window_open
@@ -562,6 +565,7 @@ def test_status_while_sending_reaches_the_receiver_in_order():
     def on_sender(s, e):
         if isinstance(e, ev.Accepted):
             s.send_status("sending", {"of": 9})
+            s.send_consent(*consent_record_for(s))
             return True
         return False
 
