@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from p2pshare import __version__
+from p2pshare import __version__, cli_audit, cli_pacs, cli_users, relay
 from p2pshare.client import ApiError, NodeClient, connect_node
 from p2pshare.config import DEFAULT_PORT, NodeConfig, default_data_dir, parse_duration
+from p2pshare.discovery import browse
 from p2pshare.errors import (
     CodeError,
     ConfigError,
@@ -29,6 +30,7 @@ from p2pshare.errors import (
     P2PShareError,
     StudyChoiceError,
 )
+from p2pshare.transfer.relay_client import normalise as normalise_relay
 
 log = logging.getLogger("p2pshare")
 
@@ -57,7 +59,25 @@ def _node_config(args: argparse.Namespace, default_port: int) -> NodeConfig:
         port=args.port if args.port is not None else default_port,
         advertise=tuple(args.advertise or ()),
         chunk_size=args.chunk_size,
+        discovery=args.discovery,
+        relay=normalise_relay(args.relay) if args.relay else "",
+        idle_timeout_s=args.idle_timeout,
+        **_consent_config(args),
+        **cli_pacs.node_fields(args),
     )
+
+
+def _consent_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Node-level consent settings (serve), or the policy a temporary node applies (send)."""
+    out: dict[str, Any] = {}
+    policy = getattr(args, "consent_policy", None) or getattr(args, "consent", None)
+    if policy:
+        out["consent_policy"] = policy
+    for key in ("privacy_contact", "privacy_webhook", "public_url", "break_glass_minutes"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 class Output:
@@ -149,7 +169,36 @@ async def _watch(client: NodeClient, job: str, out: Output, role: str) -> int:
                 f"{e['instances']} instances, {_fmt_bytes(e['bytes'])}; series: {series}"
             )
         elif kind == "status":
-            out.say(f"Sender: {e.get('state')}")
+            state = e.get("state")
+            if state == "waiting-for-consent":
+                out.say("Sender: waiting for the patient's consent; no images are sent until then.")
+            else:
+                out.say(f"Sender: {state}")
+        elif kind == "consent-pending" and role == "send":
+            out.say("Waiting for the patient's consent on their phone…")
+        elif kind == "consent-viewed":
+            out.say("The patient opened the consent page.")
+        elif kind == "consent-dob-mismatch":
+            out.say(f"Consent page: date of birth did not match ({e['tries_left']} tries left).")
+        elif kind == "consent-link-dead":
+            out.say(f"Consent link closed: {e['reason']}.")
+        elif kind == "consent-approved":
+            out.say(f"Consent: approved by the {e.get('by', 'patient')}.")
+        elif kind == "consent-revoked":
+            out.say("Consent: the patient REVOKED their approval.")
+        elif kind == "break-glass":
+            out.say(
+                f"*** BREAK-GLASS by {e['clinician']}: {e['reason']} (valid until "
+                f"{time.strftime('%H:%M', time.localtime(e['valid_until']))}) — the privacy "
+                f"contact is notified ***"
+            )
+        elif kind == "consent":
+            at = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["at"]))
+            text = e.get("text", "")
+            if e.get("decision") == "break-glass":
+                out.say(f"*** {text} (at {at}) ***")
+            else:
+                out.say(f"Consent: {text} at {at}.")
         elif kind == "streaming":
             out.say("Streaming…")
         elif kind == "progress":
@@ -186,7 +235,19 @@ async def cmd_send(args: argparse.Namespace, out: Output) -> int:
     local = None if args.node else _node_config(args, default_port=0)
     async with connect_node(args.node, Path(args.data_dir).expanduser(), local) as client:
         try:
-            offer = await client.create_offer(args.path, args.study, expires)
+            glass = (
+                {"clinician": args.break_glass_by, "reason": args.reason or ""}
+                if args.break_glass_by
+                else None
+            )
+            offer = await client.create_offer(
+                args.path,
+                args.study,
+                expires,
+                consent=args.consent,
+                destination=args.to,
+                break_glass=glass,
+            )
         except StudyChoiceError as exc:
             out.json(
                 {"type": "error", "code": exc.code, "message": exc.message, "studies": exc.studies}
@@ -225,6 +286,7 @@ async def cmd_send(args: argparse.Namespace, out: Output) -> int:
         out.say(f"Spoken code (read it out): {offer['code']}")
         out.say(f"Sender address: {', '.join(offer['addresses'])}")
         out.say(f"QR link: {offer['uri']}")
+        _say_consent(out, offer.get("consent") or {})
         out.say(
             f"Expires at {time.strftime('%H:%M:%S', time.localtime(offer['expires']))}. "
             f"Waiting for the receiver…"
@@ -234,6 +296,30 @@ async def cmd_send(args: argparse.Namespace, out: Output) -> int:
         except asyncio.CancelledError:
             await client.cancel_offer(offer["offer_id"])
             raise
+
+
+def _say_consent(out: Output, c: dict[str, Any]) -> None:
+    if c.get("link"):
+        out.say("")
+        out.say("PATIENT CONSENT — let the patient (or their representative) scan this with their")
+        out.say("phone, or open the link on it. No image is sent before they approve:")
+        if not out.as_json:
+            _print_qr(out, c["link"])
+        out.say(f"Consent link (give it only to the patient): {c['link']}")
+    elif c.get("state") == "not-required":
+        out.say("Consent policy 'none': no consent is asked (tests and demos only).")
+    if c.get("state") == "break-glass":
+        out.say(f"*** BREAK-GLASS authorised until {time.strftime('%H:%M', time.localtime(c['valid_until']))} ***")
+
+
+async def cmd_break_glass(args: argparse.Namespace, out: Output) -> int:
+    async with connect_node(args.node, Path(args.data_dir).expanduser(), None) as client:
+        view = await client.break_glass(args.offer, args.by, args.reason, args.minutes)
+    out.json({"type": "break-glass"} | view)
+    until = time.strftime("%H:%M", time.localtime(view["valid_until"]))
+    out.say(f"*** BREAK-GLASS recorded for offer {args.offer}, valid until {until}. ***")
+    out.say("The privacy contact has been notified; this is in the audit log.")
+    return EXIT_OK
 
 
 async def cmd_receive(args: argparse.Namespace, out: Output) -> int:
@@ -280,6 +366,7 @@ async def cmd_peers(args: argparse.Namespace, out: Output) -> int:
                 out.say(f"Forgot {args.peer}; its next key will be pinned on first contact.")
                 return EXIT_OK
             peers = await client.peers()
+            seen_lan = (await client._call("GET", "/api/v1/discovered"))["nodes"]
     else:
         store = Store(data_dir)
         try:
@@ -292,14 +379,28 @@ async def cmd_peers(args: argparse.Namespace, out: Output) -> int:
             peers = store.list_peers()
         finally:
             store.close()
+        seen_lan = [d.to_json() for d in await browse(args.host, args.browse)]
+    return _print_peers(out, peers, seen_lan)
+
+
+def _print_peers(out: Output, peers: list[dict[str, Any]], lan: list[dict[str, Any]]) -> int:
+    """Pinned institutions and nodes seen on the LAN, with a column saying which each is."""
+    on_lan = {(d["name"], d["fingerprint"]): d for d in lan}
     for p in peers:
-        out.json({"type": "peer"} | p)
+        d = on_lan.pop((p["name"], p["fingerprint"]), None)
+        where = "pinned+lan" if d else "pinned"
+        out.json({"type": "peer", "source": where, "addresses": d["addresses"] if d else []} | p)
         seen = time.strftime("%Y-%m-%d %H:%M", time.localtime(p["last_seen"]))
+        at = ", ".join(d["addresses"]) if d else p["last_address"] or "?"
+        out.say(f"{where:<11} {p['name']}  [{p['fingerprint']}]  last seen {seen} at {at}")
+    for d in on_lan.values():
+        out.json({"type": "peer", "source": "lan"} | d)
         out.say(
-            f"{p['name']}  [{p['fingerprint']}]  last seen {seen} at {p['last_address'] or '?'}"
+            f"{'lan':<11} {d['name']}  [{d['fingerprint']}]  at {', '.join(d['addresses'])} "
+            f"(advertised, not verified)"
         )
-    if not peers:
-        out.say("No pinned institutions yet.")
+    if not peers and not on_lan:
+        out.say("No pinned institutions yet, and no node seen on the LAN.")
     return EXIT_OK
 
 
@@ -336,6 +437,24 @@ def _add_node_args(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
         metavar="HOST:PORT",
         help="address receivers should use to reach this node (repeatable)",
     )
+    p.add_argument(
+        "--relay",
+        metavar="ws://HOST:PORT",
+        help="relay to offer QR transfers through as well (see docs/relay.md)",
+    )
+    p.add_argument(
+        "--no-discovery",
+        dest="discovery",
+        action="store_false",
+        help="do not advertise this node or look for others on the LAN (mDNS)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="drop a peer that sends nothing or stops reading for this long (default 120)",
+    )
     if not serve:
         p.add_argument(
             "--node", metavar="URL", help="drive a running node instead of a temporary one"
@@ -353,6 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run a node: peer endpoint and API")
     _add_node_args(p, serve=True)
+    cli_pacs.add_serve_args(p)
+    p.add_argument(
+        "--consent-policy",
+        choices=["patient", "patient-or-break-glass", "none"],
+        help="default consent policy for offers (default: patient)",
+    )
+    p.add_argument("--break-glass-minutes", type=int, help="how long a break-glass lasts (60)")
+    p.add_argument("--privacy-contact", metavar="ADDRESS", help="told of every break-glass")
+    p.add_argument("--privacy-webhook", metavar="URL", help="POST break-glass notifications here")
+    p.add_argument(
+        "--public-url", metavar="URL", help="base URL patients' phones use to reach this node"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_serve)
 
@@ -362,6 +493,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires", help="offer lifetime, e.g. 15m (default), 90s, 2h")
     p.add_argument("--qr-png", metavar="FILE", help="also save the QR code as PNG")
     p.add_argument("--qr-svg", metavar="FILE", help="also save the QR code as SVG")
+    p.add_argument(
+        "--consent",
+        choices=["patient", "patient-or-break-glass", "none"],
+        help="consent policy for this offer (default: the node's, normally 'patient')",
+    )
+    p.add_argument("--to", metavar="INSTITUTION", help="intended destination, shown to the patient")
+    p.add_argument(
+        "--break-glass-by",
+        metavar="CLINICIAN",
+        help="authorise without the patient (they cannot decide): your name and role",
+    )
+    p.add_argument("--reason", help="break-glass reason: a full sentence (required with it)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_node_args(p)
     p.set_defaults(func=cmd_send)
@@ -380,12 +523,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_args(p)
     p.set_defaults(func=cmd_receive)
 
+    p = sub.add_parser(
+        "break-glass", help="authorise a live offer without the patient (audited, notified)"
+    )
+    p.add_argument("offer", help="the offer id")
+    p.add_argument("--by", required=True, metavar="CLINICIAN", help="your name and role")
+    p.add_argument("--reason", required=True, help="why the patient cannot decide (a sentence)")
+    p.add_argument("--minutes", type=int, help="how long it lasts (default: the node's, 60)")
+    p.add_argument("--data-dir", default=str(default_data_dir()))
+    p.add_argument("--node", metavar="URL", required=True, help="the node holding the offer")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_break_glass)
+
     p = sub.add_parser("peers", help="list pinned institutions, or forget one to re-trust it")
     p.add_argument("action", nargs="?", choices=["list", "forget"], default="list")
     p.add_argument("peer", nargs="?", help="institution name (for forget)")
     p.add_argument("--data-dir", default=str(default_data_dir()))
     p.add_argument("--node", metavar="URL")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="without --node: look for nodes on this interface"
+    )
+    p.add_argument(
+        "--browse", type=float, default=2.0, metavar="S", help="without --node: look this long"
+    )
     p.set_defaults(func=cmd_peers)
 
     p = sub.add_parser("demo", help="two local nodes, one synthetic CT study, end to end")
@@ -393,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+    cli_users.register(sub)
+    cli_audit.register(sub)
+    cli_pacs.register(sub)
+    relay.register(sub)
     return parser
 
 

@@ -87,8 +87,13 @@ class NodeClient:
         return data
 
     async def create_offer(
-        self, path: str, study_uid: str | None, expires_s: int | None
+        self,
+        path: str,
+        study_uid: str | None,
+        expires_s: int | None,
+        **extra: Any,
     ) -> dict[str, Any]:
+        """``extra``: consent, destination, break_glass ({clinician, reason}) — see the API."""
         data: dict[str, Any] = await self._call(
             "POST",
             "/api/v1/offers",
@@ -96,7 +101,18 @@ class NodeClient:
                 "path": str(Path(path).expanduser().resolve()),
                 "study_uid": study_uid,
                 "expires_s": expires_s,
+                **{k: v for k, v in extra.items() if v is not None},
             },
+        )
+        return data
+
+    async def break_glass(
+        self, offer_id: str, clinician: str, reason: str, minutes: int | None = None
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = await self._call(
+            "POST",
+            f"/api/v1/offers/{offer_id}/break-glass",
+            {"clinician": clinician, "reason": reason, "minutes": minutes},
         )
         return data
 

@@ -175,7 +175,13 @@ def parse_qr_uri(text: str) -> QrOffer:
     if len(secret) < 16:
         raise CodeFormatError("the offer link is incomplete (its secret is missing); scan it again")
     q = parse_qs(parts.query)
-    addresses = tuple(a for a in q.get("a", []) if _ADDR_RE.fullmatch(a))
+    # An address is host:port, or relay:host:port for the sender's relay (docs/relay.md);
+    # anything else is dropped, as older versions drop the relay form.
+    addresses = tuple(
+        a
+        for a in q.get("a", [])
+        if _ADDR_RE.fullmatch(a) or (a.startswith("relay:") and _ADDR_RE.fullmatch(a[6:]))
+    )
     try:
         expires = int(q.get("exp", ["0"])[0])
     except ValueError:

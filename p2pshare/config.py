@@ -52,6 +52,44 @@ class NodeConfig:
     #: Keep at least this much disk free after a study is written.
     min_free_bytes: int = 512 * 1024**2
 
+    # -- consent (see p2pshare/consent.py) --
+    #: default consent policy for new offers: patient | patient-or-break-glass | none
+    consent_policy: str = "patient"
+    #: how long a break-glass authorisation lasts
+    break_glass_minutes: int = 60
+    #: who is told about every break-glass (an e-mail address or role mailbox, for the outbox)
+    privacy_contact: str | None = None
+    #: where break-glass notifications are POSTed as JSON
+    privacy_webhook: str | None = None
+    #: base URL the patient's phone uses to reach this node (default: first advertised address)
+    public_url: str | None = None
+
+    # -- PACS (see p2pshare/pacs/ and docs/pacs.md) --
+    #: DICOM Storage SCP port; None = no DICOM listener
+    dicom_port: int | None = None
+    #: this node's AE title (the SCP's called AE; the calling AE of exports)
+    ae_title: str = "P2PSHARE"
+    #: calling AE titles allowed to push to the SCP; empty = any
+    dicom_allow: tuple[str, ...] = ()
+    #: a pushed study is complete after this many seconds without a new instance
+    dicom_quiet_s: float = 10.0
+    #: the local PACS for C-STORE export, "AE@HOST:PORT"
+    pacs_target: str | None = None
+    #: the DICOMweb base URL for STOW-RS export
+    stow_url: str | None = None
+    #: export every completed transfer automatically (see docs/pacs.md for the rule)
+    auto_export: bool = False
+    #: prefix for foreign accession numbers when no local one is given
+    accession_prefix: str = ""
+
+    # -- network (see docs/discovery.md and docs/relay.md) --
+    #: advertise this node and browse for others on the LAN (mDNS, ``_p2pshare._tcp``)
+    discovery: bool = True
+    #: relay ("host:port") this node registers its QR offers at; empty = none
+    relay: str = ""
+    #: a peer connection that sends nothing, or stops reading, for this long is dropped
+    idle_timeout_s: float = 120.0
+
     def __post_init__(self) -> None:
         if not self.name.strip() or len(self.name) > 200 or not self.name.isprintable():
             raise ConfigError("the node name must be 1–200 printable characters")
@@ -59,6 +97,16 @@ class NodeConfig:
             raise ConfigError(f"port {self.port} is out of range")
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
             raise ConfigError(f"the chunk size must be from {MIN_CHUNK} to {MAX_CHUNK} bytes")
+        if self.consent_policy not in ("patient", "patient-or-break-glass", "none"):
+            raise ConfigError(
+                f"unknown consent policy '{self.consent_policy}'; use patient, "
+                f"patient-or-break-glass or none"
+            )
+        if not 1 <= self.break_glass_minutes <= 24 * 60:
+            raise ConfigError("break-glass must last 1 to 1440 minutes")
+        for url in (self.privacy_webhook, self.public_url):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"'{url}' is not an http(s) URL")
 
     @property
     def identity_path(self) -> Path:

@@ -154,14 +154,48 @@ def tree_hashes(root: Path) -> list[str]:
     return sorted(out)
 
 
-async def transfer(
-    sender: NodeProc, receiver: NodeProc, study_dir: Path, out_dir: Path, *, spoken: bool = True
+async def approve_as_patient(
+    http: aiohttp.ClientSession, link: str, birth_date: str
 ) -> dict[str, Any]:
-    """One offer → receive between two running nodes; returns the measured figures."""
+    """Do what the patient does on the phone page: confirm the date of birth, approve."""
+    async with http.post(link + "/verify", json={"dob": birth_date}) as resp:
+        body = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"consent page: {body.get('message')}")
+    async with http.post(
+        link + "/decision", json={"decision": "approve", "verifier": body["verifier"]}
+    ) as resp:
+        decided: dict[str, Any] = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"consent page: {decided.get('message')}")
+    return decided
+
+
+async def transfer(
+    sender: NodeProc,
+    receiver: NodeProc,
+    study_dir: Path,
+    out_dir: Path,
+    *,
+    spoken: bool = True,
+    patient_birth_date: str | None = None,
+) -> dict[str, Any]:
+    """One offer → receive between two running nodes; returns the measured figures.
+
+    With ``patient_birth_date`` the offer needs the patient's consent, and this plays the
+    patient on the phone page (for the intended destination, before pairing); without it the
+    offer is made under consent policy 'none' (benchmarks and tests of the transfer itself).
+    """
     async with aiohttp.ClientSession() as http:
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
-        offer = await s_api.create_offer(str(study_dir), None, None)
+        if patient_birth_date is None:
+            offer = await s_api.create_offer(str(study_dir), None, None, consent="none")
+        else:
+            offer = await s_api.create_offer(
+                str(study_dir), None, None, consent="patient", destination=receiver.name
+            )
+            await approve_as_patient(http, offer["consent"]["link"], patient_birth_date)
         code = offer["code"] if spoken else offer["uri"]
         job = await r_api.receive(code, str(out_dir), [sender.address] if spoken else [])
         r_events: list[dict[str, Any]] = []
@@ -195,6 +229,7 @@ async def transfer(
         "total_s": by["complete"]["at"] - t0,
         "mb_per_s": nbytes / 1e6 / stream_s if stream_s > 0 else float("inf"),
         "peer_seen_by_receiver": by["paired"]["peer"],
+        "consent": by.get("consent"),
     }
 
 
@@ -221,9 +256,17 @@ async def run_demo(out: Output, *, seed: int = 1, workdir: str | None = None) ->
         async with two_nodes(root) as (sender, receiver):
             for n in (sender, receiver):
                 out.say(f"  {n.name} [{n.extra['info']['fingerprint']}] at {n.address}")
-            out.say("Offering the study; the trauma centre pairs with the spoken code …")
-            figures = await transfer(sender, receiver, study_dir, out_dir, spoken=True)
+            out.say(
+                "Offering the study (consent policy 'patient'); the patient confirms their date "
+                "of birth and approves on the phone page (played by the demo) …"
+            )
+            out.say("The trauma centre then pairs with the spoken code …")
+            figures = await transfer(
+                sender, receiver, study_dir, out_dir, spoken=True, patient_birth_date="1970-01-01"
+            )
             out.say(f"  spoken code: {figures['offer']['code']}")
+            if figures["consent"]:
+                out.say(f"  the trauma centre sees: {figures['consent']['text']}")
             rss = {sender.name: sender.peak_rss_mb(), receiver.name: receiver.peak_rss_mb()}
         same = tree_hashes(study_dir) == tree_hashes(out_dir)
         receipt = figures["receipt"]
@@ -239,6 +282,7 @@ async def run_demo(out: Output, *, seed: int = 1, workdir: str | None = None) ->
             "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
             "manifest_sha256": receipt["manifest_sha256"],
             "received_in": str(out_dir),
+            "consent": (figures["consent"] or {}).get("text"),
         }
         out.json(result)
         out.say("")

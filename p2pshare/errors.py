@@ -88,6 +88,7 @@ class OfferUnavailable(CodeError):
             "used": "this code has already been used",
             "burnt": "this code was burnt after too many wrong attempts",
             "cancelled": "the sender cancelled this offer",
+            "declined": "the patient declined this transfer",
             "unknown": "the sender has no offer with this number",
         }.get(state, f"this offer is {state}")
         super().__init__(message or f"{text}: ask the sender for a new code")
@@ -149,6 +150,16 @@ class IntegrityError(TransferError):
 
 class TransferAborted(TransferError):
     code = "aborted"
+
+
+class ConsentStopped(TransferError):
+    """The sending side's consent does not (or no longer) allow the images to flow."""
+
+    code = "consent"
+
+    def __init__(self, message: str, code: str = "consent") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ConnectionLost(TransferError):

@@ -20,8 +20,10 @@ from typing import Any
 
 from p2pshare import crypto
 from p2pshare.audit import AuditLog
+from p2pshare.consent import ConsentBook
 from p2pshare.errors import PeerKeyChanged
 from p2pshare.manifest import Manifest
+from p2pshare.notify import Outbox
 
 MAX_FAILED_ATTEMPTS = 3
 
@@ -74,6 +76,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 #: Offer states. ACTIVE offers accept pairing; every other state is final except PAIRED/SENDING.
 ACTIVE, PAIRED, SENDING, COMPLETED = "active", "paired", "sending", "completed"
 EXPIRED, BURNT, CANCELLED, FAILED = "expired", "burnt", "cancelled", "failed"
+#: the patient declined (or the consent link died under policy 'patient'): final
+DECLINED = "declined"
 _LIVE = (ACTIVE,)
 
 
@@ -131,7 +135,15 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout = 5000")
         self.db.executescript(SCHEMA)
-        self.audit = AuditLog(self.db)
+        # The audit chain is signed with the node's identity key (see p2pshare/audit.py).
+        self.audit = AuditLog(self.db, data_dir / "identity.key")
+        self.consents = ConsentBook(self.db)
+        self.notifications = Outbox(self.db)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(transfers)")}
+        if "consent" not in cols:  # databases from before consent records
+            self.db.execute("ALTER TABLE transfers ADD COLUMN consent TEXT")
+        if "path" not in cols:  # which path a transfer used: direct | lan | relay
+            self.db.execute("ALTER TABLE transfers ADD COLUMN path TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -280,7 +292,27 @@ class Store:
         d = dict(row)
         d.pop("manifest", None)
         d["receipt"] = json.loads(d["receipt"]) if d["receipt"] else None
+        d["consent"] = json.loads(d["consent"]) if d.get("consent") else None
         return d
+
+    def get_transfer_manifest(self, transfer_job: str) -> Manifest | None:
+        """The signed manifest a receiving transfer accepted (None before the manifest came)."""
+        row = self.db.execute(
+            "SELECT manifest FROM transfers WHERE id = ?", (transfer_job,)
+        ).fetchone()
+        return Manifest.from_bytes(row[0]) if row is not None and row[0] else None
+
+    def list_transfers(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Received transfers, newest first, with their study summary (for the staff web app)."""
+        rows = self.db.execute("SELECT id FROM transfers ORDER BY created DESC LIMIT ?", (limit,))
+        out: list[dict[str, Any]] = []
+        for (job,) in rows.fetchall():
+            row = self.db.execute("SELECT manifest FROM transfers WHERE id = ?", (job,)).fetchone()
+            d = self.get_transfer(job)
+            assert d is not None
+            d["study"] = Manifest.from_bytes(row[0]).summary() if row[0] else None
+            out.append(d)
+        return out
 
     # -- peers (trust on first use) -------------------------------------------------------------
 

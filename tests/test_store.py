@@ -415,6 +415,8 @@ def test_transfers_round_trip_with_a_receipt_dict(store: Store) -> None:
         "receipt": None,
         "error": None,
         "finished": None,
+        "consent": None,
+        "path": None,
     }
     receipt = {"manifest_sha256": "cd" * 32, "instances": 2, "bytes": 2001}
     store.update_transfer("job1", state="receiving", manifest=manifest().to_bytes())
@@ -434,6 +436,8 @@ def test_transfers_round_trip_with_a_receipt_dict(store: Store) -> None:
         "receipt": receipt,
         "error": None,
         "finished": NOW + 30,
+        "consent": None,
+        "path": None,
     }
     assert "manifest" not in got  # bulky and holds patient data: never shown
 

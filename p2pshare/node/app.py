@@ -22,6 +22,7 @@ from aiohttp import web
 
 from p2pshare import __version__, crypto
 from p2pshare.config import NodeConfig
+from p2pshare.discovery import Discovery, discovery_key
 from p2pshare.errors import (
     CodeError,
     ConfigError,
@@ -30,11 +31,20 @@ from p2pshare.errors import (
     StudyChoiceError,
 )
 from p2pshare.jobs import Jobs
-from p2pshare.node import service
+from p2pshare.node import (
+    audit_routes,
+    consent_routes,
+    pacs_routes,
+    service,
+    viewer_routes,
+    web_routes,
+)
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key, token_key
 from p2pshare.protocol.frames import MAX_FRAME
 from p2pshare.store import Store
 from p2pshare.transfer import Engine, WsChannel
+from p2pshare.transfer.paths import BoundedChannel
+from p2pshare.transfer.relay_client import RelayRegistrar, registrar_key
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +79,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     for offer_id, expires in store.live_offers():
         jobs.create("offer", offer_id).emit("waiting", expires=expires)
     engine.audit("node-started", name=cfg.name, fingerprint=identity.fingerprint)
+    # LAN discovery (started by start() once the port is bound) and the relay registrar
+    app[discovery_key] = Discovery(cfg.name, identity.fingerprint, cfg.host)
+    if cfg.relay:
+        app[registrar_key] = RelayRegistrar(
+            engine, cfg.relay, wrap=lambda ch: BoundedChannel(ch, cfg.idle_timeout_s)
+        )
+        for offer_id, _expires in store.live_offers():
+            app[registrar_key].register(offer_id)
     sweeper = asyncio.create_task(_sweep_expired(app))
     yield
+    await app[discovery_key].close()
+    if registrar_key in app:
+        await app[registrar_key].close()
     sweeper.cancel()
     tasks = [*app[service.receive_tasks_key], *engine.running.values()]
     for task in tasks:
@@ -85,7 +106,9 @@ async def _sweep_expired(app: web.Application) -> None:
     store, engine, jobs = app[store_key], app[engine_key], app[jobs_key]
     while True:
         await asyncio.sleep(EXPIRY_SWEEP_S)
+        service.kick_notifications(app, only_due=True)
         for offer_id in store.expire_offers(engine.now()):
+            store.consents.end_link(offer_id)
             engine.audit("offer-expired", offer=offer_id)
             job = jobs.get(offer_id)
             if job is not None and not job.done:
@@ -121,14 +144,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/") and request.path != "/api/v1/info":
+    if request.path.startswith("/api/") and not web_routes.is_public(request):
         given = request.headers.get("Authorization", "")
         expected = "Bearer " + request.app[token_key]
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            return web.json_response(
-                {"error": "unauthorized", "message": "this API needs the node's token"},
-                status=401,
-            )
+            if web_routes.SESSION_COOKIE not in request.cookies:
+                return web.json_response(
+                    {"error": "unauthorized", "message": "this API needs the node's token"},
+                    status=401,
+                )
+            # A staff browser: session cookie, CSRF token and role instead of the token.
+            refused = await web_routes.gate(request)
+            if refused is not None:
+                return refused
+    elif web_routes.is_staff_page(request.path):
+        await web_routes.page_gate(request)
     return await handler(request)
 
 
@@ -153,7 +183,8 @@ async def peer_endpoint(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=MAX_FRAME + 1024, heartbeat=30.0)
     await ws.prepare(request)
     peer = request.remote or "unknown"
-    await request.app[engine_key].serve_sender(WsChannel(ws, peer))
+    idle = request.app[config_key].idle_timeout_s
+    await request.app[engine_key].serve_sender(BoundedChannel(WsChannel(ws, peer), idle))
     return ws
 
 
@@ -175,13 +206,47 @@ async def post_offer(request: web.Request) -> web.Response:
         raise ConfigError("give the study's folder or .zip as 'path'")
     study = body.get("study_uid")
     expires = body.get("expires_s")
+    policy, destination = body.get("consent"), body.get("destination")
+    glass = body.get("break_glass")
+    break_glass: tuple[str, str] | None = None
+    if isinstance(glass, dict):
+        break_glass = (str(glass.get("clinician", "")), str(glass.get("reason", "")))
     offer = await service.create_offer(
         request.app,
         path,
         study if isinstance(study, str) else None,
         expires if isinstance(expires, int) else None,
+        consent_policy=policy if isinstance(policy, str) else None,
+        destination=destination if isinstance(destination, str) else None,
+        break_glass=break_glass,
     )
     return web.json_response(offer, status=201)
+
+
+@routes.post("/api/v1/offers/{offer_id}/break-glass")
+async def post_break_glass(request: web.Request) -> web.Response:
+    body = await _json(request)
+    minutes = body.get("minutes")
+    view = service.invoke_break_glass(
+        request.app,
+        request.match_info["offer_id"],
+        str(body.get("clinician", "")),
+        str(body.get("reason", "")),
+        minutes if isinstance(minutes, int) and not isinstance(minutes, bool) else None,
+    )
+    return web.json_response(view)
+
+
+@routes.post("/api/v1/offers/{offer_id}/consent-link")
+async def post_consent_link(request: web.Request) -> web.Response:
+    """A fresh phone link for a pending consent (the old one stops working)."""
+    link = service.renew_consent_link(request.app, request.match_info["offer_id"])
+    return web.json_response({"link": link})
+
+
+@routes.get("/api/v1/notifications")
+async def list_notifications(request: web.Request) -> web.Response:
+    return web.json_response(request.app[store_key].notifications.entries())
 
 
 def _offer_view(request: web.Request, offer_id: str) -> dict[str, Any]:
@@ -198,6 +263,7 @@ def _offer_view(request: web.Request, offer_id: str) -> dict[str, Any]:
         "failed_attempts": offer.failed_attempts,
         "receipt": offer.receipt,
         "error": offer.error,
+        "consent": service.consent_view(request.app, offer.id),
     }
 
 
@@ -261,6 +327,15 @@ async def list_peers(request: web.Request) -> web.Response:
     return web.json_response(request.app[store_key].list_peers())
 
 
+@routes.get("/api/v1/discovered")
+async def list_discovered(request: web.Request) -> web.Response:
+    """Nodes seen on the LAN (mDNS): hints only, nothing here is verified."""
+    discovery = request.app[discovery_key]
+    return web.json_response(
+        {"active": discovery.active, "nodes": [p.to_json() for p in discovery.peers()]}
+    )
+
+
 @routes.delete("/api/v1/peers/{name}")
 async def forget_peer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
@@ -280,8 +355,14 @@ def create_app(config: NodeConfig) -> web.Application:
     app[config_key] = config
     app[service.addresses_key] = []
     app[service.receive_tasks_key] = set()
+    app[service.notify_task_key] = set()
     app.cleanup_ctx.append(_resources)
     app.add_routes(routes)
+    consent_routes.setup(app, WEB_DIR)
+    web_routes.setup(app)
+    pacs_routes.setup(app)
+    audit_routes.setup(app)
+    viewer_routes.setup(app)
     if WEB_DIR.is_dir():
         app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
     return app
@@ -303,4 +384,6 @@ async def start(config: NodeConfig) -> tuple[web.AppRunner, web.Application]:
         ) from exc
     for addr in runner.addresses:
         app[service.addresses_key].append((addr[0], addr[1]))
+    if config.discovery and app[service.addresses_key]:
+        await app[discovery_key].start(app[service.addresses_key][0][1])
     return runner, app

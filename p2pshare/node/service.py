@@ -11,14 +11,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from p2pshare import codes
+from p2pshare import codes, consent, notify
 from p2pshare.config import MAX_EXPIRY_S
-from p2pshare.dicom.ingest import scan
-from p2pshare.errors import ConfigError, ConnectionLost, P2PShareError
+from p2pshare.dicom.header import parse_header
+from p2pshare.dicom.ingest import StudyScan, scan
+from p2pshare.discovery import discovery_key
+from p2pshare.errors import ConfigError, P2PShareError
 from p2pshare.jobs import Job
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key
 from p2pshare.store import CANCELLED, SENDING
-from p2pshare.transfer import WsChannel, connect
+from p2pshare.transfer import paths
+from p2pshare.transfer.relay_client import registrar_key
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,10 @@ receive_tasks_key = web.AppKey("receive_tasks_key", set)
 def advertised_addresses(app: web.Application) -> list[str]:
     """Where receivers should connect: configured, else the bound host and port."""
     cfg = app[config_key]
+    # The relay, if any, is listed last as relay:HOST:PORT (docs/relay.md).
+    relay = [paths.RELAY_PREFIX + cfg.relay] if cfg.relay else []
     if cfg.advertise:
-        return list(cfg.advertise)
+        return list(cfg.advertise) + relay
     out: list[str] = []
     for host, port in app[addresses_key]:
         if host in ("0.0.0.0", "::", ""):
@@ -39,18 +44,57 @@ def advertised_addresses(app: web.Application) -> list[str]:
             except OSError:
                 host = "127.0.0.1"
         out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    return out
+    return out + relay
+
+
+def consent_link(app: web.Application, token: str) -> str:
+    """The URL the patient's phone opens (the node's public URL, else its first address)."""
+    cfg = app[config_key]
+    base = cfg.public_url or f"http://{(advertised_addresses(app) or ['127.0.0.1'])[0]}"
+    return f"{base.rstrip('/')}/consent/{token}"
+
+
+def _birth_date(study: StudyScan) -> str | None:
+    """The patient's date of birth as the study records it (for the phone page's check)."""
+    for source in study.sources[:3]:
+        try:
+            with source.open() as fh:
+                value = parse_header(fh).patient.get("birth_date", "")
+        except (P2PShareError, OSError):
+            continue
+        if value:
+            return value
+    return None
 
 
 async def create_offer(
-    app: web.Application, path: str, study_uid: str | None, expires_s: int | None
+    app: web.Application,
+    path: str,
+    study_uid: str | None,
+    expires_s: int | None,
+    *,
+    consent_policy: str | None = None,
+    destination: str | None = None,
+    break_glass: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     cfg, store, engine, jobs = app[config_key], app[store_key], app[engine_key], app[jobs_key]
     if expires_s is not None and not 1 <= expires_s <= MAX_EXPIRY_S:
         raise ConfigError(f"an offer must expire within 1 to {MAX_EXPIRY_S} seconds")
+    policy = consent.check_policy(consent_policy or cfg.consent_policy)
+    if destination is not None:
+        destination = " ".join(destination.split())
+        if not 0 < len(destination) <= 128:
+            raise ConfigError("the intended destination must be 1–128 characters")
+    if break_glass is not None:
+        if policy != "patient-or-break-glass":
+            raise ConfigError(
+                "break-glass needs the consent policy 'patient-or-break-glass' for this offer"
+            )
+        consent.check_break_glass(*break_glass)  # refuse a thin reason before any work
     report = await asyncio.to_thread(scan, path, chunk_size=cfg.chunk_size)
     study = report.study(study_uid)
     manifest = study.manifest
+    birth_date = await asyncio.to_thread(_birth_date, study) if policy != "none" else None
     now = engine.now()
     expires = now + (expires_s or cfg.offer_expiry_s)
     number = store.free_offer_number(now)
@@ -67,15 +111,31 @@ async def create_offer(
         created=now,
         expires=expires,
     )
+    try:
+        token = store.consents.create(offer_id, policy, destination, birth_date)
+    except P2PShareError:
+        store.set_offer_state(offer_id, CANCELLED, error="consent could not be set up")
+        raise
     engine.audit(
         "offer-created",
         offer=offer_id,
         study=manifest.study_instance_uid,
         instances=len(manifest.instances),
         expires=expires,
+        consent_policy=policy,
     )
     job = jobs.create("offer", offer_id)
     job.emit("waiting", expires=expires)
+    if registrar_key in app:  # net: wait for this offer's receiver at the relay (docs/relay.md)
+        app[registrar_key].register(offer_id)
+    link = consent_link(app, token) if token else None
+    if token:
+        engine.audit("consent-requested", offer=offer_id, policy=policy)
+        job.emit("consent-pending", policy=policy, state=consent.PENDING)
+    elif policy == "none":
+        engine.audit("consent-not-required", "flagged", offer=offer_id, policy=policy)
+    if break_glass is not None:
+        invoke_break_glass(app, offer_id, *break_glass)
     addresses = advertised_addresses(app)
     qr = codes.QrOffer(
         offer_id=offer_id,
@@ -97,7 +157,102 @@ async def create_offer(
         "study": manifest.summary(),
         "skipped": [{"name": s.name, "reason": s.reason} for s in report.skipped],
         "duplicates": report.duplicates,
+        "consent": {**consent_view(app, offer_id), "link": link},
     }
+
+
+def consent_view(app: web.Application, offer_id: str) -> dict[str, Any]:
+    c = app[store_key].consents.get(offer_id)
+    return c.view() if c else {}
+
+
+def renew_consent_link(app: web.Application, offer_id: str) -> str:
+    store, engine = app[store_key], app[engine_key]
+    offer = store.get_offer(offer_id)
+    token = store.consents.renew_link(offer_id)
+    if offer is None or offer.state not in ("active", "paired") or token is None:
+        raise ConfigError("a new consent link is only possible while the patient has not decided")
+    engine.audit("consent-requested", offer=offer_id, renewed=True)
+    return consent_link(app, token)
+
+
+def invoke_break_glass(
+    app: web.Application, offer_id: str, clinician: str, reason: str, minutes: int | None = None
+) -> dict[str, Any]:
+    """A clinician authorises the offer because the patient cannot; audited and notified."""
+    cfg, store, engine, jobs = app[config_key], app[store_key], app[engine_key], app[jobs_key]
+    offer = store.get_offer(offer_id)
+    if offer is None or offer.state not in ("active", "paired", SENDING):
+        raise ConfigError("break-glass needs a live offer; this one has ended")
+    now = engine.now()
+    c = store.consents.break_glass(
+        offer_id, clinician, reason, minutes or cfg.break_glass_minutes, now
+    )
+    by = c.decided_by or {}
+    engine.audit(
+        "break-glass",
+        "ok",
+        offer=offer_id,
+        study=offer.study_uid,
+        user=by.get("name"),
+        reason=by.get("reason"),
+        valid_until=c.valid_until,
+    )
+    nid = store.notifications.queue(
+        "break-glass",
+        cfg.privacy_contact,
+        {
+            "node": cfg.name,
+            "node_fingerprint": engine.identity.fingerprint,
+            "offer_id": offer_id,
+            "study_instance_uid": offer.study_uid,
+            "clinician": by.get("name"),
+            "reason": by.get("reason"),
+            "at": now,
+            "valid_until": c.valid_until,
+            "destination": offer.peer_name or c.intended,
+        },
+        now,
+    )
+    engine.audit("notification-queued", "ok", notification=nid, kind="break-glass")
+    job = jobs.get(offer_id)
+    if job is not None and not job.done:
+        job.emit(
+            "break-glass",
+            clinician=by.get("name"),
+            reason=by.get("reason"),
+            valid_until=c.valid_until,
+        )
+    engine.consent_changed(offer_id)
+    kick_notifications(app)
+    return c.view()
+
+
+notify_task_key = web.AppKey("notify_task_key", set)
+
+
+def kick_notifications(app: web.Application, only_due: bool = False) -> None:
+    """Deliver queued notifications now, in the background."""
+    cfg, store, engine = app[config_key], app[store_key], app[engine_key]
+    if not cfg.privacy_webhook or app[notify_task_key]:
+        return
+    if only_due and not store.notifications.due(engine.now()):
+        return
+
+    async def run() -> None:
+        for nid, kind, outcome in await notify.deliver(
+            store.notifications, cfg.privacy_webhook, engine.now()
+        ):
+            engine.audit(
+                "notification-sent" if outcome == "sent" else "notification-failed",
+                "ok" if outcome == "sent" else outcome,
+                notification=nid,
+                kind=kind,
+            )
+
+    task = asyncio.create_task(run())
+    app[notify_task_key].add(task)
+    task.add_done_callback(app[notify_task_key].discard)
 
 
 def cancel_offer(app: web.Application, offer_id: str) -> bool:
@@ -106,6 +261,7 @@ def cancel_offer(app: web.Application, offer_id: str) -> bool:
     if offer is None or offer.state not in ("active", "paired", SENDING):
         return False
     store.set_offer_state(offer_id, CANCELLED)
+    store.consents.end_link(offer_id)
     engine.audit("offer-cancelled", offer=offer_id)
     task = engine.running.get(offer_id)
     if task is not None:
@@ -119,21 +275,10 @@ def cancel_offer(app: web.Application, offer_id: str) -> bool:
 def start_receive(app: web.Application, code_text: str, out_dir: str, addresses: list[str]) -> Job:
     store, engine, jobs = app[store_key], app[engine_key], app[jobs_key]
     code = codes.parse_any(code_text)
-    targets: list[str] = []
-    for a in addresses:
-        if codes.is_address(a):
-            targets.append(a)
-        else:
-            peer = next((p for p in store.list_peers() if p["name"] == a), None)
-            if peer is None or not peer["last_address"]:
-                raise ConfigError(
-                    f"'{a}' is neither host:port nor a known institution; give the sending "
-                    f"node's address as HOST:PORT"
-                )
-            targets.append(peer["last_address"])
-    if isinstance(code, codes.QrOffer):
-        targets.extend(a for a in code.addresses if a not in targets)
-    if not targets:
+    discovery = app[discovery_key]
+    # every way to the sender at once (docs/discovery.md): given, QR, LAN, relay
+    targets = paths.plan(code, addresses, store.list_peers(), discovery.peers())
+    if not targets and not discovery.active:
         raise ConfigError(
             "a spoken code does not say where the sending node is: add --from HOST:PORT "
             "(the sender's node address, or the name of an institution you received from before)"
@@ -141,7 +286,7 @@ def start_receive(app: web.Application, code_text: str, out_dir: str, addresses:
     out = Path(out_dir).expanduser().resolve()
     job = jobs.create("receive")
     store.add_transfer(job.id, engine.now(), str(out))
-    job.emit("connecting", addresses=targets)
+    job.emit("connecting", addresses=[r.label for r in targets])
     task = asyncio.create_task(_receive(app, code, out, targets, job))
     app[receive_tasks_key].add(task)
     task.add_done_callback(app[receive_tasks_key].discard)
@@ -153,30 +298,30 @@ async def _receive(
     app: web.Application,
     code: codes.SpokenCode | codes.QrOffer,
     out: Path,
-    targets: list[str],
+    targets: list[paths.Route],
     job: Job,
 ) -> None:
     store, engine = app[store_key], app[engine_key]
     try:
+        if not targets:  # a spoken code and no address: ask every node on the LAN
+            found = await app[discovery_key].wait_for_peers(paths.DISCOVERY_WAIT_S)
+            job.emit("discovered", nodes=[d.to_json() for d in found])
+            targets = paths.lan_routes(found)
+            if not targets:
+                raise ConfigError(
+                    "no p2pshare node was found on this network, and a spoken code does not say "
+                    "where the sender is: add --from HOST:PORT (the sender's node address)"
+                )
         async with aiohttp.ClientSession() as http:
-            channel: WsChannel | None = None
-            last_error: P2PShareError | None = None
-            for address in targets:
-                try:
-                    channel = await connect(address, http)
-                    break
-                except ConnectionLost as exc:
-                    last_error = exc
-            if channel is None:
-                assert last_error is not None
-                raise last_error
-            receipt = await engine.receive(channel, code, out, job)
+            receipt, route = await paths.receive_first(engine, targets, code, out, job, http)
+        store.update_transfer(job.id, path=route.kind)
         job.finish(
             "complete",
             receipt=receipt,
             out_dir=str(out),
             instances=receipt["instances"],
             bytes=receipt["bytes"],
+            path=route.kind,
         )
     except P2PShareError as exc:
         store.update_transfer(job.id, state="failed", error=exc.message, finished=engine.now())

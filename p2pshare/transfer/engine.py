@@ -45,12 +45,21 @@ class Engine:
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     #: peer addresses of connections that have not paired yet (one entry per connection)
     unpaired: int = 0
+    #: offer id → set when the offer's consent changed (wakes the connection serving it)
+    consent_signals: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def now(self) -> int:
         return int(self.clock())
 
     def audit(self, action: str, outcome: str = "ok", **detail: Any) -> None:
         self.store.audit.append(self.now(), action, outcome, **detail)
+
+    def consent_signal(self, offer_id: str) -> asyncio.Event:
+        return self.consent_signals.setdefault(offer_id, asyncio.Event())
+
+    def consent_changed(self, offer_id: str) -> None:
+        """The offer's consent was decided, revoked or broken glass for: re-check it now."""
+        self.consent_signal(offer_id).set()
 
     def pin_peer(self, peer: ev.PeerIdentity, address: str, **context: Any) -> bool:
         """Trust an institution on first use; True on first contact. Both outcomes audited.

@@ -13,6 +13,7 @@ from p2pshare import codes, crypto
 from p2pshare.errors import (
     CodeRejected,
     ConnectionLost,
+    ConsentStopped,
     IntegrityError,
     OfferUnavailable,
     P2PShareError,
@@ -24,6 +25,7 @@ from p2pshare.errors import (
 )
 from p2pshare.jobs import PROGRESS_EVERY_S, Job
 from p2pshare.manifest import Manifest
+from p2pshare.protocol import consent as consent_record
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.receiver import ReceiverSession
 from p2pshare.staging import Staging
@@ -228,6 +230,28 @@ class ReceiverRun:
             )
             self.job.emit("manifest", manifest_sha256=event.digest, **event.manifest.summary())
             self.s.accept()
+        elif isinstance(event, ev.ConsentGranted):
+            rec = event.record
+            text = consent_record.describe(rec)
+            e.store.update_transfer(self.job.id, consent=rec)
+            e.audit(
+                "consent-record-received",
+                "ok",
+                transfer=self.s.transfer_id.hex(),
+                decision=rec["decision"],
+                method=rec["method"],
+                policy=rec["policy"],
+            )
+            self.job.emit(
+                "consent",
+                decision=rec["decision"],
+                method=rec["method"],
+                policy=rec["policy"],
+                decided_by=rec["decided_by"],
+                at=rec["at"],
+                valid_until=rec["valid_until"],
+                text=text,
+            )
         elif isinstance(event, ev.Status):
             self.job.emit("status", state=event.state, detail=event.detail)
         elif isinstance(event, ev.SenderDone):
@@ -297,6 +321,19 @@ class ReceiverRun:
             return OfferUnavailable(event.code[len("offer-") :])
         if event.code == "peer-key-changed":
             return TrustError(f"the sender refused this node: {event.message}")
+        if event.code.startswith("consent"):
+            done = self.staging.placed if self.staging else 0
+            total = len(self.manifest.instances) if self.s.manifest else 0
+            after = (
+                f" The study is incomplete: {done} of {total} instances had arrived and were "
+                f"verified."
+                if done
+                else " No images were received."
+            )
+            self.e.audit(
+                "transfer-failed", event.code, transfer=self.s.transfer_id.hex(), verified=done
+            )
+            return ConsentStopped(f"{event.message}.{after}", event.code)
         return TransferAborted(f"the sender stopped the transfer: {event.message}")
 
     def _check_room(self, manifest: Manifest) -> None:

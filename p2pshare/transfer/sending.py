@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from p2pshare import codes, crypto
+from p2pshare import codes, consent, crypto
 from p2pshare.dicom.ingest import Source
 from p2pshare.errors import (
     CodeRejected,
@@ -21,15 +21,28 @@ from p2pshare.errors import (
     TransferError,
 )
 from p2pshare.jobs import PROGRESS_EVERY_S, Job
+from p2pshare.protocol import consent as consent_record
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.sender import SenderSession
-from p2pshare.store import BURNT, CANCELLED, COMPLETED, EXPIRED, FAILED, SENDING, Offer
+from p2pshare.store import (
+    BURNT,
+    CANCELLED,
+    COMPLETED,
+    DECLINED,
+    EXPIRED,
+    FAILED,
+    SENDING,
+    Offer,
+)
 from p2pshare.transfer.channel import Channel
 
 if TYPE_CHECKING:
     from p2pshare.transfer.engine import Engine
 
 log = logging.getLogger(__name__)
+
+#: While consent is pending, tell the receiver so this often (also keeps the link alive).
+CONSENT_KEEPALIVE_S = 20.0
 
 
 class SenderRun:
@@ -59,14 +72,42 @@ class SenderRun:
         self._deadline = deadline
         #: called once when this connection pairs (or ends unpaired): frees its pairing slot
         self.on_paired: Callable[[], None] | None = None
+        #: set by the node when this offer's consent changes (once this connection claimed it)
+        self._consent_signal: asyncio.Event | None = None
+        #: a read started while waiting for consent, handed on to the next _recv
+        self._pending_recv: asyncio.Future[bytes | None] | None = None
+        self._pending_status_sent = False
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._pending_recv is not None:
+                self._pending_recv.cancel()
+
+    async def _run(self) -> None:
         while not self._done:
+            signal = self._consent_signal
+            if signal is not None and signal.is_set():
+                signal.clear()
+                if self.s.awaiting_consent or self.s.consent_sent:
+                    self._check_consent()
+                    await self.flush()
+                    continue
             if self.s.window_open:
                 self._send_one_chunk()
                 await self.flush()
                 continue
-            data = await self._recv()
+            if self._consent_signal is not None and (
+                self.s.awaiting_consent or self.s.consent_sent
+            ):
+                # Waiting for consent, or for acknowledgements while streaming: a consent
+                # change (approved, declined, revoked) must wake this connection either way.
+                got, data = await self._recv_or_consent(keepalive=self.s.awaiting_consent)
+                if not got:
+                    continue
+            else:
+                data = await self._recv()
             if data is None:
                 if not self._done:
                     raise ConnectionLost("the receiver closed the connection before the receipt")
@@ -78,7 +119,34 @@ class SenderRun:
             finally:
                 await self.flush()
 
+    async def _recv_or_consent(self, keepalive: bool) -> tuple[bool, bytes | None]:
+        """Wait for the receiver or for a consent change; keep a waiting receiver informed."""
+        assert self._consent_signal is not None
+        if self._pending_recv is None:
+            self._pending_recv = asyncio.ensure_future(self.ch.recv())
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(self._consent_signal.wait())
+        pending: set[asyncio.Future[Any]] = {self._pending_recv, waiter}
+        try:
+            done, _ = await asyncio.wait(
+                pending,
+                timeout=CONSENT_KEEPALIVE_S if keepalive else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
+        if self._pending_recv in done:
+            task, self._pending_recv = self._pending_recv, None
+            return True, task.result()
+        if not done:
+            # Still pending: a status both keeps the connection alive and tells the receiver.
+            self.s.send_status("waiting-for-consent", self._consent_detail())
+            await self.flush()
+        return False, None
+
     async def _recv(self) -> bytes | None:
+        if self._pending_recv is not None:
+            task, self._pending_recv = self._pending_recv, None
+            return await task
         if self._claimed or self._deadline is None:
             return await self.ch.recv()
         try:
@@ -153,6 +221,7 @@ class SenderRun:
             task = asyncio.current_task()
             if task is not None:
                 e.running[self.offer_id] = task
+            self._consent_signal = e.consent_signal(self.offer_id)
             offer = e.store.get_offer(self.offer_id)
             assert offer is not None
             e.store.set_offer_state(
@@ -186,7 +255,7 @@ class SenderRun:
                 peer=crypto.fingerprint(self.s.peer_key),
                 resumed_files=len(event.have),
             )
-            self._emit("streaming", files=len(self.sources))
+            self._check_consent()
         elif isinstance(event, ev.Receipt):
             e.store.set_offer_state(self.offer_id, COMPLETED, receipt=event.body)
             e.audit(
@@ -237,6 +306,112 @@ class SenderRun:
         )
         self._emit("pairing", address=self.ch.peer_address)
         self.s.use_offer(offer.id, password)
+
+    # -- consent -------------------------------------------------------------------------------
+
+    def _consent_detail(self) -> dict[str, Any]:
+        c = self.e.store.consents.get(self.offer_id)
+        if c is None:
+            return {}
+        return {"policy": c.policy, "state": c.state}
+
+    def _check_consent(self) -> None:
+        """Open the stream if consent allows it, keep waiting, or stop the transfer."""
+        e = self.e
+        c = e.store.consents.get(self.offer_id)
+        now = e.now()
+        if self.s.consent_sent:
+            if c is None or c.state == consent.REVOKED:
+                e.audit("consent-revoked", "stopped-stream", offer=self.offer_id)
+                self._stop_for_consent(
+                    "consent-revoked",
+                    "the patient revoked consent at the sending hospital; the transfer was "
+                    "stopped",
+                )
+            return
+        if c is None:
+            self._stop_for_consent(
+                "consent-missing", "the sending node has no consent record for this offer"
+            )
+        elif c.granted(now):
+            self._send_consent(c, now)
+        elif c.state == consent.DECLINED:
+            self._stop_for_consent(
+                "consent-declined", "the patient declined this transfer; no images were sent"
+            )
+        elif c.state == consent.DEAD and c.policy == "patient":
+            self._stop_for_consent(
+                "consent-failed",
+                "the patient could not confirm their identity on the consent page; no images "
+                "were sent",
+            )
+        elif not self._pending_status_sent:
+            self._pending_status_sent = True
+            self.s.send_status("waiting-for-consent", self._consent_detail())
+            self._emit("consent-pending", policy=c.policy, state=c.state)
+            e.store.set_offer_state(self.offer_id, "paired")
+
+    def _send_consent(self, c: consent.Consent, now: int) -> None:
+        e = self.e
+        s = self.s
+        if (
+            c.shown == "intended"
+            and c.intended
+            and c.intended.casefold() != s.peer_name.casefold()
+        ):
+            self._stop_for_consent(
+                "consent-destination",
+                f"the patient authorised sending to '{c.intended}', not to '{s.peer_name}'; "
+                f"no images were sent",
+            )
+            return
+        decision = {
+            consent.APPROVED: "approved",
+            consent.BREAK_GLASS: "break-glass",
+            consent.NOT_REQUIRED: "not-required",
+        }[c.state]
+        method = {"approved": "phone-link", "break-glass": "break-glass"}.get(
+            decision, "policy-none"
+        )
+        record = consent_record.build(
+            offer_id=self.offer_id,
+            manifest_sha256=s.manifest_digest,
+            sender_fingerprint=e.identity.fingerprint,
+            destination_fingerprint=crypto.fingerprint(s.peer_key),
+            destination_name=s.peer_name,
+            intended_destination=c.intended,
+            shown_to_decider=c.shown or "none",
+            decision=decision,
+            decided_by=c.decided_by or {"role": "policy"},
+            method=method,
+            policy=c.policy,
+            at=c.decided_at or now,
+            valid_until=c.valid_until,
+        )
+        s.send_consent(record, e.identity.sign(consent_record.sign_bytes(record)))
+        e.store.set_offer_state(self.offer_id, SENDING)
+        e.audit(
+            "consent-record-sent",
+            "ok",
+            offer=self.offer_id,
+            decision=decision,
+            policy=c.policy,
+            peer=crypto.fingerprint(s.peer_key),
+        )
+        self._emit("consent-granted", decision=decision, policy=c.policy)
+        self._emit("streaming", files=len(self.sources))
+
+    def _stop_for_consent(self, code: str, message: str) -> None:
+        """Tell the receiver why (sealed), end this offer, and stop."""
+        self.s.refuse(code, message)
+        state = DECLINED if code in ("consent-declined", "consent-failed") else FAILED
+        self.e.store.set_offer_state(self.offer_id, state, error=message)
+        if state == DECLINED:
+            self.e.store.consents.end_link(self.offer_id)
+        self.e.audit("transfer-stopped", code, offer=self.offer_id)
+        log.info("offer %s stopped: %s", self.offer_id[:8], code)
+        self._finish("error", code=code, message=message)
+        self._done = True
 
     def _send_one_chunk(self) -> None:
         nxt = self.s.next_chunk()
@@ -301,4 +476,9 @@ def _unavailable(offer: Offer | None) -> str:
     """Why an offer cannot be paired with, as the receiver will be told."""
     if offer is None:
         return "unknown"
-    return {EXPIRED: "expired", BURNT: "burnt", CANCELLED: "cancelled"}.get(offer.state, "used")
+    return {
+        EXPIRED: "expired",
+        BURNT: "burnt",
+        CANCELLED: "cancelled",
+        DECLINED: "declined",
+    }.get(offer.state, "used")

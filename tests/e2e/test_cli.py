@@ -24,7 +24,7 @@ async def test_send_and_receive_with_spoken_code_between_temporary_nodes(
 ) -> None:
     out = tmp_path / "received"
     sender = await cli.start(
-        "send",
+        "send", "--consent", "none",
         str(study),
         "--json",
         "--data-dir",
@@ -84,7 +84,7 @@ async def test_qr_uri_through_running_nodes(
     sender, receiver = nodes
     out = tmp_path / "in"
     send = await cli.start(
-        "send", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
+        "send", "--consent", "none", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
     )
     offer = await cli.first_json(send, "offer")
     received = await cli.receive_at(receiver, offer["uri"], str(out))
@@ -108,7 +108,7 @@ async def test_wrong_codes_are_counted_and_burn_the_offer(
     async with aiohttp.ClientSession() as http:
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
-        offer = await s_api.create_offer(str(study), None, None)
+        offer = await s_api.create_offer(str(study), None, None, consent="none")
         number, *words = offer["code"].split("-")
         wrong = (
             "-".join([number, *reversed(words)])
@@ -145,7 +145,7 @@ async def test_expired_offer_is_refused(
     async with aiohttp.ClientSession() as http:
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
-        offer = await s_api.create_offer(str(study), None, 1)
+        offer = await s_api.create_offer(str(study), None, 1, consent="none")
         await asyncio.sleep(1.5)
         job = await r_api.receive(offer["code"], str(tmp_path / "o"), [sender.address])
         events = [e async for e in r_api.events(job)]
@@ -163,7 +163,7 @@ async def test_changed_identity_of_a_pinned_sender_is_refused_until_forgotten(
             sender = await spawn_node("Referring Hospital ED", tmp_path / f"referring-{attempt}")
             try:
                 send = await cli.start(
-                    "send",
+                    "send", "--consent", "none",
                     str(study),
                     "--node",
                     sender.url,
@@ -218,7 +218,7 @@ async def test_several_studies_need_a_choice(cli: Cli, study: Path, tmp_path: Pa
     )
     (both / "notes.txt").write_text("not an image")
     res = await cli.run(
-        "send", str(both), "--json", "--data-dir", str(tmp_path / "a"), "--name", "Ref"
+        "send", "--consent", "none", str(both), "--json", "--data-dir", str(tmp_path / "a"), "--name", "Ref"
     )
     assert res.code == 2
     err = res.events("error")[0]
@@ -231,12 +231,12 @@ async def test_not_dicom_input_is_a_clear_error(cli: Cli, tmp_path: Path) -> Non
     (junk / "readme.txt").write_text("hello")
     (junk / "empty.dcm").write_bytes(b"")
     t = time.monotonic()
-    res = await cli.run("send", str(junk), "--data-dir", str(tmp_path / "a"), "--name", "Ref")
+    res = await cli.run("send", "--consent", "none", str(junk), "--data-dir", str(tmp_path / "a"), "--name", "Ref")
     assert res.code == 2
     assert "Error:" in res.stderr and "Traceback" not in res.stderr
     assert time.monotonic() - t < 60
     missing = await cli.run(
-        "send", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "a"), "--name", "Ref"
+        "send", "--consent", "none", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "a"), "--name", "Ref"
     )
     assert missing.code == 2 and "Traceback" not in missing.stderr
 
@@ -299,7 +299,7 @@ async def test_offer_survives_a_restart_of_the_sending_node(
     sender = await spawn_node("Referring Hospital ED", tmp_path / "referring")
     async with aiohttp.ClientSession() as http:
         offer = await NodeClient(sender.url, sender.token, http).create_offer(
-            str(study), None, None
+            str(study), None, None, consent="none"
         )
     await stop_node(sender)
     # same data directory (a new port here): the waiting offer is still there after the restart
@@ -350,7 +350,7 @@ async def test_logs_hold_no_code_or_patient_name_and_audit_chain_holds(
     ds = pydicom.dcmread(first, stop_before_pixels=True)
     patient_name, patient_id = str(ds.PatientName), str(ds.PatientID)
     send = await cli.start(
-        "send", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
+        "send", "--consent", "none", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
     )
     offer = await cli.first_json(send, "offer")
     number, *words = offer["code"].split("-")
@@ -409,12 +409,14 @@ async def test_spoken_code_can_name_a_known_institution_instead_of_an_address(
             "Referring Hospital ED",
             as_json=False,
         )
-        assert unknown.code == 2 and "neither host:port nor a known institution" in unknown.stderr
-        first = await s_api.create_offer(str(study), None, None)
+        # not pinned yet, but the node found it on the LAN (mDNS): asked there, it has no offer
+        assert unknown.code == 2, unknown.stdout + unknown.stderr
+        assert "no offer with this number" in unknown.stdout + unknown.stderr
+        first = await s_api.create_offer(str(study), None, None, consent="none")
         job = await r_api.receive(first["code"], str(tmp_path / "one"), [sender.address])
         assert [e async for e in r_api.events(job)][-1]["event"] == "complete"
         # second time, the name is enough: its last address was remembered with the pin
-        second = await s_api.create_offer(str(study), None, None)
+        second = await s_api.create_offer(str(study), None, None, consent="none")
         got = await cli.receive_at(
             receiver, second["code"], str(tmp_path / "two"), "--from", "Referring Hospital ED"
         )
@@ -429,7 +431,7 @@ async def test_a_qr_code_only_pairs_with_the_node_whose_fingerprint_it_carries(
 
     sender, receiver = nodes
     send = await cli.start(
-        "send", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
+        "send", "--consent", "none", str(study), "--node", sender.url, "--data-dir", str(sender.data_dir), "--json"
     )
     offer = await cli.first_json(send, "offer")
     parts = urlsplit(offer["uri"])

@@ -35,6 +35,7 @@ from p2pshare.demo import NodeProc, tree_hashes, two_nodes
 from p2pshare.dicom.ingest import scan
 from p2pshare.errors import ProtocolError
 from p2pshare.manifest import MAX_FILE_BYTES, Manifest
+from p2pshare.protocol import consent
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.frames import (
     CHUNK_HEADER,
@@ -49,7 +50,7 @@ from p2pshare.protocol.frames import (
     encode_json,
 )
 from p2pshare.protocol.sender import SenderSession, SenderState
-from p2pshare.protocol.session import DEFAULT_WINDOW
+from p2pshare.protocol.session import DEFAULT_WINDOW, file_order
 
 from .conftest import NAMES
 
@@ -84,7 +85,7 @@ async def honest_transfer(
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
         if offer is None:
-            offer = await s_api.create_offer(str(study), None, None)
+            offer = await s_api.create_offer(str(study), None, None, consent="none")
         job = await r_api.receive(offer["code"], str(out), [sender.address])
         if on_receiving is not None:
             on_receiving(job)
@@ -224,7 +225,7 @@ async def test_hostile_receivers_are_refused_and_the_node_keeps_serving(
     async with aiohttp.ClientSession() as http:
         s_api = NodeClient(sender.url, sender.token, http)
         # a live offer, which the hostile peers name but must not consume, burn or break
-        offer = await s_api.create_offer(str(study), None, None)
+        offer = await s_api.create_offer(str(study), None, None, consent="none")
         number = offer["code"].split("-")[0]
         for h in HOSTILE_RECEIVERS:
             replies, last = await hostile_exchange(http, sender, h.payload(number))
@@ -395,6 +396,22 @@ class FakeSender:
             else:
                 self._send_raw_manifest(s, self.lie.manifest)
         elif isinstance(event, ev.Accepted):
+            # The lie is about the images, not the consent: authorise the transfer properly.
+            record = consent.build(
+                offer_id=self.offer_id,
+                manifest_sha256=s._manifest_digest,
+                sender_fingerprint=crypto.fingerprint(self.identity.public_key),
+                destination_fingerprint=crypto.fingerprint(s.peer_key),
+                destination_name=s.peer_name,
+                intended_destination=None,
+                shown_to_decider="verified",
+                decision="approved",
+                decided_by={"role": "patient"},
+                method="phone-link",
+                policy="patient",
+                at=1_700_000_000,
+            )
+            s.send_consent(record, self.identity.sign(consent.sign_bytes(record)))
             await self._flush(s, ws)
             await self._stream(s, ws)
         elif isinstance(event, ev.RemoteError):
@@ -417,8 +434,11 @@ class FakeSender:
         lie = self.lie
         assert isinstance(lie.manifest, Manifest) and lie.files is not None
         size = lie.manifest.chunk_size
-        for fi, content in enumerate(lie.files):
-            if lie.oversized_after == fi:
+        # in the order the receiver expects (middle slices first), as an honest sender does
+        order = file_order(lie.manifest)
+        for n, fi in enumerate(order):
+            content = lie.files[fi]
+            if lie.oversized_after == n:
                 await ws.send_bytes(HEADER.pack(MAX_FRAME + 1, FrameType.CHUNK) + bytes(64))
                 return
             pieces = [content[i : i + size] for i in range(0, len(content), size)] or [b""]
@@ -455,7 +475,15 @@ def genuine(study: Path) -> Genuine:
         with src.open() as fh:
             files.append(fh.read())
     m = scanned.manifest
-    three = replace(m, instances=m.instances[:3])
+    # Instance numbers 2, 1, 3 make the stream order (middle slice first, then the series in
+    # order) equal manifest order, so "file 1" is also the second file on the wire.
+    three = replace(
+        m,
+        instances=tuple(
+            replace(inst, instance_number=n) for inst, n in zip(m.instances[:3], (2, 1, 3), strict=True)
+        ),
+    )
+    assert file_order(three) == [0, 1, 2]
     return Genuine(three, files, m)
 
 

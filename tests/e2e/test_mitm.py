@@ -65,14 +65,18 @@ ATTACKED = 6  # the file index the attacks aim at (0-based, in manifest order)
 
 @pytest.fixture(scope="module")
 def mitm_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two series of ten 128x128 slices (20 files), with a recognisable patient."""
+    """Twenty one-slice 128x128 series (20 files), with a recognisable patient.
+
+    One slice per series keeps the stream order (the middle slice of every series first, then
+    the series in order) equal to manifest order, so "the 7th chunk message" is file #6.
+    """
     root = tmp_path_factory.mktemp("mitm-study")
     generate_ct_study(
         root,
         seed=4711,
         series=[
-            SeriesSpec("HEAD", slices=10, rows=128, columns=128, region="head"),
-            SeriesSpec("CHEST", slices=10, rows=128, columns=128, region="chest"),
+            SeriesSpec(f"S{i:02d}", slices=1, rows=128, columns=128, region=region)
+            for i, region in enumerate(["head", "chest"] * 10)
         ],
         patient_name=PATIENT_NAME,
         patient_id=PATIENT_ID,
@@ -150,7 +154,7 @@ async def offer_and_receive(
     async with aiohttp.ClientSession() as http:
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
-        offer = await s_api.create_offer(str(study), None, None)
+        offer = await s_api.create_offer(str(study), None, None, consent="none")
         job = await r_api.receive(offer["code"], str(out), [via])
         events = await asyncio.wait_for(_collect(r_api.events(job)), 60)
         s_events, view = await sender_outcome(s_api, offer["offer_id"])
@@ -385,7 +389,7 @@ async def test_replayed_chunk_fails_the_cli_receive(
     out = tmp_path / "out"
     async with aiohttp.ClientSession() as http, MitmProxy(sender.port, at_chunk(REPLAY)) as proxy:
         s_api = NodeClient(sender.url, sender.token, http)
-        offer = await s_api.create_offer(str(mitm_study), None, None)
+        offer = await s_api.create_offer(str(mitm_study), None, None, consent="none")
         res = await cli.run(
             "receive",
             offer["code"],
@@ -431,7 +435,7 @@ async def test_cut_connection_fails_the_cli_receive_with_one_line(
         MitmProxy(sender.port, Attack(CUT, cut_after=cut_after)) as proxy,
     ):
         s_api = NodeClient(sender.url, sender.token, http)
-        offer = await s_api.create_offer(str(mitm_study), None, None)
+        offer = await s_api.create_offer(str(mitm_study), None, None, consent="none")
         res = await cli.run(
             "receive",
             offer["code"],

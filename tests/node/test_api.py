@@ -107,7 +107,10 @@ class Node:
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    config = NodeConfig(data_dir=tmp_path / "node", name=NAME, advertise=(ADVERTISED,))
+    # Consent has its own tests (test_consent_api.py); here the API itself is under test.
+    config = NodeConfig(
+        data_dir=tmp_path / "node", name=NAME, advertise=(ADVERTISED,), consent_policy="none"
+    )
     app = create_app(config)
     client = TestClient(TestServer(app))
     await client.start_server()
@@ -197,7 +200,9 @@ async def test_every_api_route_but_info_needs_the_token(
         "/api/v1/offers": {"path": str(study_dir)},
         "/api/v1/receive": {"code": "1-glisten-ivory-sardine-utility", "out": "/tmp/x"},
     }
-    for method, path in sorted(routes - {("GET", "/api/v1/info")}):
+    # info and signing in are public by design (sign-in has its own tests in tests/web)
+    public = {("GET", "/api/v1/info"), ("POST", "/api/v1/session")}
+    for method, path in sorted(routes - public):
         url = re.sub(r"\{[^}]+\}", "x", path)
         res = await node.call(method, url, auth=header, body=bodies.get(path))
         assert (res.status, res.body) == (401, UNAUTHORIZED), (method, path)
@@ -231,6 +236,7 @@ async def test_post_offer_returns_code_uri_expiry_and_study_summary(
         "study",
         "skipped",
         "duplicates",
+        "consent",
     }
     offer_id = body["offer_id"]
     assert re.fullmatch(r"[0-9a-f]{32}", offer_id)
@@ -286,6 +292,7 @@ async def test_offers_are_audited_without_their_codes(node: Node, study_dir: Pat
             "study": body["study"]["study_instance_uid"],
             "instances": 5,
             "expires": body["expires"],
+            "consent_policy": "none",
         }
     ]
     dump = json.dumps(audit.records())
@@ -439,6 +446,9 @@ async def test_get_offer_shows_it_active(node: Node, study_dir: Path) -> None:
         "failed_attempts": 0,
         "receipt": None,
         "error": None,
+        "consent": {
+            k: v for k, v in body["consent"].items() if k != "link"
+        },
     }
     res = await node.call("GET", f"/api/v1/offers/{body['offer_id']}")
     assert (res.status, res.body) == (200, view)
