@@ -102,6 +102,14 @@ def normalise_dob(text: str) -> str | None:
     return f"{y}{mo}{d}"
 
 
+#: how much each policy protects the patient; an offer may only be looser with the operator
+STRICTNESS = {"none": 0, "patient-or-break-glass": 1, "patient": 2}
+
+
+def looser(policy: str, than: str) -> bool:
+    return STRICTNESS[policy] < STRICTNESS[than]
+
+
 def check_policy(policy: str) -> str:
     if policy not in POLICIES:
         raise ConfigError(f"unknown consent policy '{policy}'; use one of {', '.join(POLICIES)}")

@@ -162,8 +162,11 @@ async def approve_as_patient(
         body = await resp.json()
         if resp.status != 200:
             raise RuntimeError(f"consent page: {body.get('message')}")
+    dest = body["destination"]  # approve for exactly what the page shows
+    shown = dest["fingerprint"] if dest.get("verified") else None
     async with http.post(
-        link + "/decision", json={"decision": "approve", "verifier": body["verifier"]}
+        link + "/decision",
+        json={"decision": "approve", "verifier": body["verifier"], "shown_fingerprint": shown},
     ) as resp:
         decided: dict[str, Any] = await resp.json()
         if resp.status != 200:

@@ -5,6 +5,7 @@ const base = location.pathname.replace(/\/+$/, "");
 const $ = (id) => document.getElementById(id);
 let verifier = null;
 let polling = null;
+let shownFingerprint = null; // the verified destination this page shows, if any
 
 const MODALITY = {
   CT: "CT scan", MR: "MRI scan", CR: "X-ray", DX: "X-ray", US: "Ultrasound", PT: "PET scan",
@@ -63,6 +64,7 @@ function destination(s) {
 
 function render(s) {
   const d = destination(s);
+  shownFingerprint = s.destination.verified ? s.destination.fingerprint : null;
   $("title").textContent = "May we send your scans?";
   $("sender").textContent = s.sender;
   $("dest-name").textContent = d.name;
@@ -174,7 +176,7 @@ async function decide(decision) {
   const err = $("decide-error");
   err.hidden = true;
   const by = document.querySelector("input[name=by]:checked").value;
-  const body = { verifier, decision, by };
+  const body = { verifier, decision, by, shown_fingerprint: shownFingerprint };
   if (by === "representative") {
     body.name = $("rep-name").value;
     body.relationship = $("rep-rel").value;

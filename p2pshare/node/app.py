@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -198,8 +199,33 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _actor(request: web.Request) -> tuple[str, bool]:
+    """Who is asking: (a staff account's name, False) or ("api-token", True) for the operator."""
+    session = request.get(web_routes.staff_key)
+    if session is not None:
+        return session.user.name, False
+    return "api-token", True
+
+
+def _operator_only(request: web.Request, what: str) -> None:
+    """Paths on the node's disk are the operator's (API token), never a browser session's."""
+    if not _actor(request)[1]:
+        raise web.HTTPForbidden(
+            text=json.dumps(
+                {
+                    "error": "operator-only",
+                    "message": f"{what} names a folder on the node: only its operator (API "
+                    f"token) may do that. In the web app, use the study library and the "
+                    f"receive page instead",
+                }
+            ),
+            content_type="application/json",
+        )
+
+
 @routes.post("/api/v1/offers")
 async def post_offer(request: web.Request) -> web.Response:
+    _operator_only(request, "an offer by path")
     body = await _json(request)
     path = body.get("path")
     if not isinstance(path, str) or not path:
@@ -219,6 +245,8 @@ async def post_offer(request: web.Request) -> web.Response:
         consent_policy=policy if isinstance(policy, str) else None,
         destination=destination if isinstance(destination, str) else None,
         break_glass=break_glass,
+        actor=_actor(request)[0],
+        may_loosen=True,
     )
     return web.json_response(offer, status=201)
 
@@ -233,6 +261,7 @@ async def post_break_glass(request: web.Request) -> web.Response:
         str(body.get("clinician", "")),
         str(body.get("reason", "")),
         minutes if isinstance(minutes, int) and not isinstance(minutes, bool) else None,
+        actor=_actor(request)[0],
     )
     return web.json_response(view)
 
@@ -280,7 +309,9 @@ async def get_offer(request: web.Request) -> web.Response:
 
 @routes.delete("/api/v1/offers/{offer_id}")
 async def delete_offer(request: web.Request) -> web.Response:
-    if not service.cancel_offer(request.app, request.match_info["offer_id"]):
+    if not service.cancel_offer(
+        request.app, request.match_info["offer_id"], actor=_actor(request)[0]
+    ):
         raise web.HTTPConflict(
             text='{"error": "not-cancellable", "message": "no such live offer"}',
             content_type="application/json",
@@ -290,6 +321,7 @@ async def delete_offer(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/receive")
 async def post_receive(request: web.Request) -> web.Response:
+    _operator_only(request, "a receive into a chosen folder")
     body = await _json(request)
     code, out = body.get("code"), body.get("out")
     if not isinstance(code, str) or not isinstance(out, str) or not out:

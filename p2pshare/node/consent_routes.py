@@ -225,6 +225,18 @@ async def decision(request: web.Request) -> web.Response:
             },
             409,
         )
+    # The decision is for the destination the page showed: if a receiving node paired (or
+    # another one did) since, the person must look again before deciding.
+    seen = body.get("shown_fingerprint")
+    if choice == "approve" and (seen or None) != (offer.peer_fingerprint or None):
+        return _json(
+            {
+                "error": "changed",
+                "message": "The receiving hospital shown on this page has changed. Please check "
+                "who will receive your scans, then decide again.",
+            },
+            409,
+        )
     shown = "verified" if offer.peer_name else "intended"
     if not store.consents.decide(c.offer_id, choice == "approve", by, shown, engine.now()):
         fresh = store.consents.get(c.offer_id)

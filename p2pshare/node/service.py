@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from pathlib import Path
@@ -76,11 +77,23 @@ async def create_offer(
     consent_policy: str | None = None,
     destination: str | None = None,
     break_glass: tuple[str, str] | None = None,
+    actor: str = "api-token",
+    may_loosen: bool = False,
 ) -> dict[str, Any]:
+    """Offer a study. ``actor`` is who asked (a staff account, or the operator's API token).
+
+    A per-offer consent policy may always be stricter than the node's; only the node's operator
+    (``may_loosen``: the API token, never a browser session) may make it looser.
+    """
     cfg, store, engine, jobs = app[config_key], app[store_key], app[engine_key], app[jobs_key]
     if expires_s is not None and not 1 <= expires_s <= MAX_EXPIRY_S:
         raise ConfigError(f"an offer must expire within 1 to {MAX_EXPIRY_S} seconds")
     policy = consent.check_policy(consent_policy or cfg.consent_policy)
+    if not may_loosen and consent.looser(policy, cfg.consent_policy):
+        raise ConfigError(
+            f"this node requires consent policy '{cfg.consent_policy}'; an offer may be "
+            f"stricter, never looser (ask the node's operator)"
+        )
     if destination is not None:
         destination = " ".join(destination.split())
         if not 0 < len(destination) <= 128:
@@ -93,7 +106,9 @@ async def create_offer(
         consent.check_break_glass(*break_glass)  # refuse a thin reason before any work
     report = await asyncio.to_thread(scan, path, chunk_size=cfg.chunk_size)
     study = report.study(study_uid)
-    manifest = study.manifest
+    # Nothing identifying travels before the patient decides: the manifest names the study, its
+    # series and files, not the patient (the images carry that, and they wait for consent).
+    manifest = dataclasses.replace(study.manifest, patient={})
     birth_date = await asyncio.to_thread(_birth_date, study) if policy != "none" else None
     now = engine.now()
     expires = now + (expires_s or cfg.offer_expiry_s)
@@ -123,6 +138,7 @@ async def create_offer(
         instances=len(manifest.instances),
         expires=expires,
         consent_policy=policy,
+        user=actor,
     )
     job = jobs.create("offer", offer_id)
     job.emit("waiting", expires=expires)
@@ -135,7 +151,7 @@ async def create_offer(
     elif policy == "none":
         engine.audit("consent-not-required", "flagged", offer=offer_id, policy=policy)
     if break_glass is not None:
-        invoke_break_glass(app, offer_id, *break_glass)
+        invoke_break_glass(app, offer_id, *break_glass, actor=actor)
     addresses = advertised_addresses(app)
     qr = codes.QrOffer(
         offer_id=offer_id,
@@ -177,7 +193,12 @@ def renew_consent_link(app: web.Application, offer_id: str) -> str:
 
 
 def invoke_break_glass(
-    app: web.Application, offer_id: str, clinician: str, reason: str, minutes: int | None = None
+    app: web.Application,
+    offer_id: str,
+    clinician: str,
+    reason: str,
+    minutes: int | None = None,
+    actor: str = "api-token",
 ) -> dict[str, Any]:
     """A clinician authorises the offer because the patient cannot; audited and notified."""
     cfg, store, engine, jobs = app[config_key], app[store_key], app[engine_key], app[jobs_key]
@@ -194,9 +215,10 @@ def invoke_break_glass(
         "ok",
         offer=offer_id,
         study=offer.study_uid,
-        user=by.get("name"),
+        clinician=by.get("name"),
         reason=by.get("reason"),
         valid_until=c.valid_until,
+        user=actor,
     )
     nid = store.notifications.queue(
         "break-glass",
@@ -207,6 +229,7 @@ def invoke_break_glass(
             "offer_id": offer_id,
             "study_instance_uid": offer.study_uid,
             "clinician": by.get("name"),
+            "invoked_by": actor,
             "reason": by.get("reason"),
             "at": now,
             "valid_until": c.valid_until,
@@ -255,14 +278,14 @@ def kick_notifications(app: web.Application, only_due: bool = False) -> None:
     task.add_done_callback(app[notify_task_key].discard)
 
 
-def cancel_offer(app: web.Application, offer_id: str) -> bool:
+def cancel_offer(app: web.Application, offer_id: str, actor: str = "api-token") -> bool:
     store, engine, jobs = app[store_key], app[engine_key], app[jobs_key]
     offer = store.get_offer(offer_id)
     if offer is None or offer.state not in ("active", "paired", SENDING):
         return False
     store.set_offer_state(offer_id, CANCELLED)
     store.consents.end_link(offer_id)
-    engine.audit("offer-cancelled", offer=offer_id)
+    engine.audit("offer-cancelled", offer=offer_id, user=actor)
     task = engine.running.get(offer_id)
     if task is not None:
         task.cancel()

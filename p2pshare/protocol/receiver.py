@@ -258,6 +258,10 @@ class ReceiverSession(Session):
             if not isinstance(state, str) or not _short_text(state, 64) or not _flat_detail(detail):
                 raise RemoteProtocolError("the sender sent a malformed status")
             self._events.append(ev.Status(state, detail))
+            if st is ReceiverState.RECEIVING:
+                # Answer with the current count: nothing new for the window, but the sender
+                # hears from us while it waits (for consent), so neither side times out.
+                self._seal(Inner.ACK, dump_json({"chunks": self._stored}))
         elif inner is Inner.DONE and st is ReceiverState.RECEIVING:
             if self._plan:
                 fi, ci = self._plan[0]

@@ -129,7 +129,7 @@ class SenderRun:
         try:
             done, _ = await asyncio.wait(
                 pending,
-                timeout=CONSENT_KEEPALIVE_S if keepalive else None,
+                timeout=self._keepalive_s() if keepalive else None,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
@@ -142,6 +142,10 @@ class SenderRun:
             self.s.send_status("waiting-for-consent", self._consent_detail())
             await self.flush()
         return False, None
+
+    def _keepalive_s(self) -> float:
+        """Often enough that the receiver's answer beats either side's idle timeout."""
+        return max(0.5, min(CONSENT_KEEPALIVE_S, self.e.config.idle_timeout_s / 3))
 
     async def _recv(self) -> bytes | None:
         if self._pending_recv is not None:

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from p2pshare.client import NodeClient
-from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes
+from p2pshare.demo import NodeProc, approve_as_patient, spawn_node, stop_node, tree_hashes
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
 
 pytestmark = pytest.mark.e2e
@@ -327,3 +327,31 @@ async def test_revoke_mid_transfer_stops_the_stream_and_the_receiver_reports_it(
     assert s_err["event"] == "error" and s_err["code"] == "consent-revoked"
     total = len(list(big_study.rglob("*.dcm")))
     assert len(list(out.rglob("*.dcm"))) < total  # the stream stopped before the end
+
+
+async def test_a_patient_who_takes_longer_than_the_idle_timeout_does_not_break_the_transfer(
+    tmp_path: Path, study: Path
+) -> None:
+    """Both nodes time out silent peers after 2 s; the patient decides after 5 s."""
+    idle = ("--idle-timeout", "2")
+    sender = await spawn_node("Referring Hospital ED", tmp_path / "referring", extra_args=idle)
+    receiver = await spawn_node("Trauma Centre Radiology", tmp_path / "trauma", extra_args=idle)
+    out = tmp_path / "received"
+    try:
+        async with aiohttp.ClientSession() as http:
+            s_api = NodeClient(sender.url, sender.token, http)
+            r_api = NodeClient(receiver.url, receiver.token, http)
+            offer = await s_api.create_offer(str(study), None, None)
+            r_events: list[dict[str, Any]] = []
+            job = await r_api.receive(offer["uri"], str(out), [])
+            watcher = asyncio.create_task(follow(r_api, job, r_events))
+            await wait_for(r_events, "status")
+            await asyncio.sleep(5)  # longer than the idle timeout on both sides
+            assert not any(e["event"] == "error" for e in r_events), r_events
+            await approve_as_patient(http, offer["consent"]["link"], DOB_RIGHT)
+            await asyncio.wait_for(watcher, 60)
+    finally:
+        await stop_node(receiver)
+        await stop_node(sender)
+    assert r_events[-1]["event"] == "complete", r_events[-1]
+    assert tree_hashes(study) == tree_hashes(out)

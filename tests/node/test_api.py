@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import re
 import shutil
@@ -248,7 +249,10 @@ async def test_post_offer_returns_code_uri_expiry_and_study_summary(
     assert before + 900 <= body["expires"] <= after + 900
     assert body["addresses"] == [ADVERTISED]
     assert (body["sender"], body["fingerprint"]) == (NAME, node.fingerprint)
-    expected = scan(study_dir, chunk_size=node.config.chunk_size).study(None).manifest
+    # the offered manifest names no patient: that travels only in the images, after consent
+    expected = dataclasses.replace(
+        scan(study_dir, chunk_size=node.config.chunk_size).study(None).manifest, patient={}
+    )
     assert body["study"] == expected.summary()
     assert body["study"]["instances"] == 5
     assert (body["skipped"], body["duplicates"]) == ([], 0)
@@ -293,6 +297,7 @@ async def test_offers_are_audited_without_their_codes(node: Node, study_dir: Pat
             "instances": 5,
             "expires": body["expires"],
             "consent_policy": "none",
+            "user": "api-token",
         }
     ]
     dump = json.dumps(audit.records())
@@ -479,7 +484,7 @@ async def test_delete_cancels_an_offer_once(node: Node, study_dir: Path) -> None
         "message": "the offer was cancelled on this node",
     }
     assert [r["detail"] for r in node.app[store_key].audit.records("offer-cancelled")] == [
-        {"offer": offer_id}
+        {"offer": offer_id, "user": "api-token"}
     ]
 
     again = await node.call("DELETE", f"/api/v1/offers/{offer_id}")

@@ -355,3 +355,56 @@ async def test_nothing_about_the_patient_is_stored_in_clear(node: Node, study: P
         db.close()
     for secret in ("19700101", "1970-01-01", "1990-05-05", path.rsplit("/", 1)[1]):
         assert secret not in dump
+
+
+async def test_an_approval_is_for_the_destination_the_page_showed(node: Node, study: Path) -> None:
+    offer = await make_offer(node, study, destination="Trauma Centre Radiology")
+    path = link_path(offer)
+    _, body = await phone(node, "POST", path + "/verify", {"dob": DOB})
+    verifier = body["verifier"]
+    # a receiving node pairs after the page was drawn (as if between two polls)
+    node.app[store_key].set_offer_state(
+        offer["offer_id"], "paired", peer_name="Other Hospital", peer_fingerprint="AAAA-BBBB"
+    )
+    status, body = await phone(
+        node, "POST", path + "/decision", {"decision": "approve", "verifier": verifier}
+    )
+    assert status == 409 and body["error"] == "changed"
+    status, state = await phone(node, "GET", path + "/state", verifier=verifier)
+    assert state["destination"] == {
+        "verified": True, "name": "Other Hospital", "fingerprint": "AAAA-BBBB"
+    }  # fmt: skip
+    status, body = await phone(
+        node,
+        "POST",
+        path + "/decision",
+        {"decision": "approve", "verifier": verifier, "shown_fingerprint": "AAAA-BBBB"},
+    )
+    assert status == 200 and body["state"] == "approved"
+    c = node.app[store_key].consents.get(offer["offer_id"])
+    assert c is not None and c.shown == "verified"
+
+
+async def test_a_browser_session_may_not_loosen_the_node_policy_but_the_operator_may(
+    node: Node, study: Path
+) -> None:
+    from p2pshare.node import service
+
+    with pytest.raises(Exception) as info:
+        await service.create_offer(node.app, str(study), None, None, consent_policy="none")
+    assert "stricter, never looser" in str(info.value)
+    offer = await make_offer(node, study, consent="none")  # the API token: the operator
+    assert offer["consent"]["state"] == "not-required"
+    offers = await service.create_offer(
+        node.app, str(study), None, None, consent_policy="patient", actor="nurse1"
+    )
+    assert offers["consent"]["policy"] == "patient"
+    created = [r for r in node.app[store_key].audit.records() if r["action"] == "offer-created"]
+    assert [r["detail"]["user"] for r in created] == ["api-token", "nurse1"]
+
+
+async def test_the_manifest_offered_names_no_patient(node: Node, study: Path) -> None:
+    offer = await make_offer(node, study)
+    stored = node.app[store_key].get_offer(offer["offer_id"])
+    assert stored is not None and stored.manifest.patient == {}
+    assert "DEMO" not in stored.manifest.to_bytes().decode()

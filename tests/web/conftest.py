@@ -114,7 +114,11 @@ def spawn(name: str, data_dir: Path) -> Node:
     log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(
         [sys.executable, "-m", "p2pshare", "serve", "--data-dir", str(data_dir), "--name", name,
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--host", "127.0.0.1", "--port", str(port),
+         # Staff flows are under test here; the patient's consent has its own browser tests
+         # (tests/e2e/test_consent_phone.py). An offer may only loosen a node's policy with the
+         # operator's token, so these nodes run with policy 'none' for the browser to use it.
+         "--consent-policy", "none"],
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,

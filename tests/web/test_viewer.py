@@ -370,8 +370,14 @@ def test_viewer_follows_a_study_while_it_arrives(browser: Any, env: Env) -> None
     link = offer["consent"]["link"]
     verify = page.context.request.post(link + "/verify", data={"dob": BIRTH_DATE})
     assert verify.status == 200, verify.text()
+    shown = verify.json()["destination"]  # the paired node, as the page shows it
     decision = page.context.request.post(
-        link + "/decision", data={"decision": "approve", "verifier": verify.json()["verifier"]}
+        link + "/decision",
+        data={
+            "decision": "approve",
+            "verifier": verify.json()["verifier"],
+            "shown_fingerprint": shown["fingerprint"],
+        },
     )
     assert decision.status == 200, decision.text()
 
