@@ -329,9 +329,11 @@ class AuditLog:
         since: int | None = None,
         until: int | None = None,
         refs: tuple[str, ...] = (),
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """Records in order, detail decoded; optionally of one action, in a time window
-        (``since <= at < until``), or naming one of ``refs`` as offer, job or transfer."""
+        (``since <= at < until``), or naming one of ``refs`` as offer, job or transfer; with
+        ``limit``, only the latest ``limit`` of those (still oldest first)."""
         query = "SELECT seq, at, action, outcome, detail FROM audit WHERE 1"
         args: list[Any] = []
         if action:
@@ -351,9 +353,15 @@ class AuditLog:
             )
             query += ")"
             args.extend([*refs, *refs, *refs])
+        if limit is not None:
+            query += " ORDER BY seq DESC LIMIT ?"
+            args.append(limit)
+            rows = self._db.execute(query, args).fetchall()[::-1]
+        else:
+            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
         return [
             {"seq": s, "at": at, "action": a, "outcome": o, "detail": _decode(d)}
-            for s, at, a, o, d in self._db.execute(query + " ORDER BY seq", args)
+            for s, at, a, o, d in rows
         ]
 
     # -- verifying ----------------------------------------------------------------------------

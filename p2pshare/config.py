@@ -52,6 +52,14 @@ class NodeConfig:
     #: Keep at least this much disk free after a study is written.
     min_free_bytes: int = 512 * 1024**2
 
+    # -- resume (see docs/protocol.md "Resume") --
+    #: how long an interrupted transfer can be resumed with its ticket
+    resume_ttl_s: int = 24 * 3600
+    #: automatic reconnections (with backoff) before the receiver waits for `receive --resume`
+    reconnect_attempts: int = 8
+    #: first reconnection delay in seconds (doubles each time, at most 30 s)
+    reconnect_delay_s: float = 0.5
+
     # -- consent (see p2pshare/consent.py) --
     #: default consent policy for new offers: patient | patient-or-break-glass | none
     consent_policy: str = "patient"
@@ -73,6 +81,8 @@ class NodeConfig:
     dicom_allow: tuple[str, ...] = ()
     #: a pushed study is complete after this many seconds without a new instance
     dicom_quiet_s: float = 10.0
+    #: largest single instance the DICOM listener accepts (bytes)
+    dicom_max_instance_bytes: int = 4 * 1024**3
     #: the local PACS for C-STORE export, "AE@HOST:PORT"
     pacs_target: str | None = None
     #: the DICOMweb base URL for STOW-RS export
@@ -102,6 +112,8 @@ class NodeConfig:
                 f"unknown consent policy '{self.consent_policy}'; use patient, "
                 f"patient-or-break-glass or none"
             )
+        if not 0 <= self.reconnect_attempts <= 1000 or not 0 < self.reconnect_delay_s <= 60:
+            raise ConfigError("reconnect attempts must be 0–1000 and the delay 0–60 seconds")
         if not 1 <= self.break_glass_minutes <= 24 * 60:
             raise ConfigError("break-glass must last 1 to 1440 minutes")
         for url in (self.privacy_webhook, self.public_url):

@@ -10,6 +10,14 @@ Interfaces follow the address the node listens on: a node bound to 127.0.0.1 adv
 browses on loopback only, one bound to a LAN address on that interface, one bound to 0.0.0.0 on
 all interfaces. zeroconf's exceptions are translated here; when multicast is unavailable the node
 runs on without discovery and says so in its log.
+
+The table of nodes seen is bounded so that fake adverts cannot crowd out real nodes: an entry
+not confirmed for ``expire_s`` is dropped (entries are re-resolved in the background before
+that, so a node still answering stays), at most ``max_per_host`` entries may share an address,
+and when the table (or an address's share) is full a node whose fingerprint is pinned takes the
+place of the stalest unpinned entry while anything else is turned away. Advertised addresses are
+themselves only claims, so the per-address cap slows a flood from one machine; expiry and the
+preference for pinned institutions are what keep the nodes that matter listed.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +55,12 @@ RESOLVE_TIMEOUT_MS = 3000
 #: A fingerprint as crypto.fingerprint writes it: 24 base32 characters in groups of four.
 _FP_RE = re.compile(r"^[A-Z2-7]{4}(-[A-Z2-7]{4}){5}$")
 MAX_PEERS = 256
+#: entries that may share one advertised address (several nodes on one machine are rare)
+MAX_PER_HOST = 8
+#: an entry not confirmed for this long is dropped; it is re-resolved after half of it
+EXPIRE_S = 10 * 60.0
+#: re-resolutions running at once during a refresh
+_REFRESHING = 8
 
 
 @dataclass(frozen=True)
@@ -103,10 +118,28 @@ def parse_txt(properties: dict[bytes, bytes | None]) -> tuple[str, str, int] | N
 class Discovery:
     """Advertise this node and keep a table of the others seen on the LAN."""
 
-    def __init__(self, name: str, fingerprint: str, host: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        fingerprint: str,
+        host: str,
+        *,
+        pinned: Callable[[], Collection[str]] = frozenset,
+        clock: Callable[[], float] = time.time,
+        expire_s: float = EXPIRE_S,
+        max_peers: int = MAX_PEERS,
+        max_per_host: int = MAX_PER_HOST,
+    ) -> None:
+        """``pinned`` gives the fingerprints of the institutions this node has pinned (they
+        are preferred when the table is full)."""
         self.name = name
         self.fingerprint = fingerprint
         self.host = host
+        self.pinned = pinned
+        self.clock = clock
+        self.expire_s = expire_s
+        self.max_peers = max_peers
+        self.max_per_host = max_per_host
         self.active = False
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
@@ -130,6 +163,9 @@ class Discovery:
             self._browser = AsyncServiceBrowser(
                 self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
             )
+            refresher = asyncio.ensure_future(self._refresh_loop())
+            self._tasks.add(refresher)
+            refresher.add_done_callback(self._tasks.discard)
         except (ZeroconfError, OSError, ValueError) as exc:
             log.warning("LAN discovery is unavailable here (%s); running without it", exc)
             await self.close()
@@ -194,12 +230,74 @@ class Discovery:
         hosts = tuple(dict.fromkeys(info.parsed_addresses(IPVersion.V4Only)))[:8]
         if not hosts:
             return
-        if name not in self._peers and len(self._peers) >= MAX_PEERS:
-            return
-        self._peers[name] = Discovered(peer_name, fp, hosts, port, time.time())
-        self._changed.set()
+        if self.admit(name, Discovered(peer_name, fp, hosts, port, self.clock())):
+            self._changed.set()
+
+    # -- the table ------------------------------------------------------------------------------
+
+    def admit(self, key: str, peer: Discovered) -> bool:
+        """Put (or refresh) ``peer`` under its service name ``key``; False when it is turned
+        away (see the module docstring)."""
+        self.expire()
+        if key in self._peers:
+            self._peers[key] = peer
+            return True
+        is_pinned: bool | None = None
+
+        def pinned_peer() -> bool:
+            nonlocal is_pinned
+            if is_pinned is None:
+                is_pinned = peer.fingerprint in self.pinned()
+            return is_pinned
+
+        hosts = set(peer.hosts)
+        sharing = [k for k, p in self._peers.items() if hosts.intersection(p.hosts)]
+        if len(sharing) >= self.max_per_host and not (pinned_peer() and self._evict(sharing)):
+            return False
+        if len(self._peers) >= self.max_peers and not (
+            pinned_peer() and self._evict(list(self._peers))
+        ):
+            return False
+        self._peers[key] = peer
+        return True
+
+    def _evict(self, keys: list[str]) -> bool:
+        """Drop the stalest unpinned entry among ``keys``; False when all are pinned."""
+        pinned = self.pinned()
+        unpinned = [k for k in keys if self._peers[k].fingerprint not in pinned]
+        if not unpinned:
+            return False
+        del self._peers[min(unpinned, key=lambda k: self._peers[k].seen)]
+        return True
+
+    def expire(self) -> int:
+        """Drop entries not confirmed for ``expire_s``; returns how many."""
+        cutoff = self.clock() - self.expire_s
+        stale = [k for k, p in self._peers.items() if p.seen < cutoff]
+        for key in stale:
+            del self._peers[key]
+        if stale:
+            self._changed.set()
+        return len(stale)
+
+    async def _refresh_loop(self) -> None:
+        """Re-resolve entries before they expire: a node still answering stays listed."""
+        limit = asyncio.Semaphore(_REFRESHING)
+
+        async def refresh(key: str) -> None:
+            async with limit:
+                await self._resolve(key)
+
+        while True:
+            await asyncio.sleep(self.expire_s / 4)
+            due = self.clock() - self.expire_s / 2
+            keys = [k for k, p in self._peers.items() if p.seen < due]
+            if keys:
+                await asyncio.gather(*(refresh(k) for k in keys), return_exceptions=True)
+            self.expire()
 
     def peers(self) -> list[Discovered]:
+        self.expire()
         return sorted(self._peers.values(), key=lambda p: (p.name, p.fingerprint))
 
     async def wait_for_peers(self, timeout: float, settle: float = 1.0) -> list[Discovered]:

@@ -17,7 +17,9 @@ message) and ``complete`` once the node decides it is whole: after a quiet perio
 instance, or when an operator says "send now". Imports are complete at once.
 
 Every file is written to a private temporary file, flushed to disk and renamed into place, so a
-crash never leaves a half-written instance under a final name. The library is used from the
+crash never leaves a half-written instance under a final name. A write that would leave less
+than ``min_free_bytes`` free on the library's disk is refused (``OSError`` ENOSPC) before it
+starts and while it runs, so a push or an import cannot fill the disk the node needs. The library is used from the
 event loop (list, get) and from pynetdicom's threads (store), so one lock guards its state; slow
 work (import, report attachment) runs in worker threads.
 """
@@ -25,6 +27,7 @@ work (import, report attachment) runs in worker threads.
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import io
 import json
@@ -76,7 +79,14 @@ class Stored:
 class Library:
     """The studies this node holds. Thread-safe; see the module docstring."""
 
-    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        clock: Callable[[], float] = time.time,
+        *,
+        min_free_bytes: int = 0,
+    ) -> None:
+        self.min_free_bytes = min_free_bytes
         self.root = Path(data_dir) / "library"
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -118,6 +128,26 @@ class Library:
         with self._lock:
             return sid if sid in self._records else None
 
+    # -- disk space ---------------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        """Free space on the library's disk."""
+        return shutil.disk_usage(self._tmp).free
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Refuse a write of ``incoming`` more bytes that would leave less than
+        ``min_free_bytes`` free on the library's disk.
+
+        Raises:
+            OSError: ENOSPC, with a sentence for the operator as ``strerror``.
+        """
+        if self.free_bytes() - incoming < self.min_free_bytes:
+            raise OSError(
+                errno.ENOSPC,
+                f"not enough free disk space (this node keeps {self.min_free_bytes / 1e6:.0f} MB "
+                "free); free some space and send again",
+            )
+
     # -- instances ----------------------------------------------------------------------------
 
     def store_bytes(self, data: bytes, source: str, *, complete: bool = False) -> Stored:
@@ -139,9 +169,11 @@ class Library:
         """
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}")
+        self.check_space(READ_SIZE)
         with self._temp_file() as (tmp, out):
             digest = hashlib.sha256()
             while block := fp.read(READ_SIZE):
+                self.check_space(len(block))
                 digest.update(block)
                 out.write(block)
             out.flush()
@@ -152,6 +184,43 @@ class Library:
             size = os.fstat(out.fileno()).st_size
             os.fsync(out.fileno())
             return self._place(tmp, header, size, source, complete)
+
+    def store_file(self, path: Path, source: str) -> Stored:
+        """Take a complete DICOM file written elsewhere (pynetdicom's chunked C-STORE) into the
+        library: moved when it is on the library's disk, else copied. ``path`` is gone
+        afterwards either way.
+
+        Raises:
+            DicomError: the file is not a usable DICOM instance.
+            OSError: the disk refused the write, or too little space would be left.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}")
+        try:
+            with self._temp_file() as (tmp, out):
+                try:
+                    os.replace(path, tmp)  # same disk: no copy, and no new space taken
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    self.check_space(path.stat().st_size)
+                    with path.open("rb") as src:
+                        shutil.copyfileobj(src, out, READ_SIZE)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    return self._place_open(tmp, out, source, False)
+                self.check_space(0)  # it already takes its room on this disk
+                with tmp.open("r+b") as moved:
+                    os.fsync(moved.fileno())
+                    return self._place_open(tmp, moved, source, False)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _place_open(self, tmp: Path, fh: BinaryIO, source: str, complete: bool) -> Stored:
+        fh.seek(0)
+        header = parse_header(fh)
+        size = os.fstat(fh.fileno()).st_size
+        return self._place(tmp, header, size, source, complete)
 
     def _place(
         self, tmp: Path, header: Header, size: int, source: str, complete: bool

@@ -15,7 +15,8 @@ Handshake (text messages, before any byte is piped)::
                  | {"error": <code>, "message": <sentence>} and the connection is closed
 
 The signature proves which node is connecting, so the relay can keep an allow-list of node
-fingerprints. Limits (all configurable, :class:`RelayConfig`): open channels, bytes and seconds
+fingerprints. Limits (all configurable, :class:`RelayConfig`): open channels, channels waiting
+for their other side per address, how long a channel waits for that side, bytes and seconds
 per channel, idle time, connections per minute per address. See docs/relay.md.
 """
 
@@ -71,13 +72,22 @@ class RelayConfig:
     allow: frozenset[str] = frozenset()
     #: new connections per minute from one address
     rate_per_min: int = 60
+    #: channels one address may hold open while they wait for their other side
+    max_waiting_per_address: int = 8
+    #: a channel whose other side does not come within this many seconds is closed
+    wait_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
-        if self.max_channels < 1 or self.max_bytes < 1 or self.rate_per_min < 1:
+        if (
+            self.max_channels < 1
+            or self.max_bytes < 1
+            or self.rate_per_min < 1
+            or self.max_waiting_per_address < 1
+        ):
             raise ConfigError("relay limits must be positive")
-        if self.max_seconds <= 0 or self.idle_timeout <= 0:
+        if self.max_seconds <= 0 or self.idle_timeout <= 0 or self.wait_timeout <= 0:
             raise ConfigError("relay time limits must be positive")
 
 
@@ -85,6 +95,8 @@ class RelayConfig:
 class _Channel:
     token: str
     created: float
+    #: the address of the side that opened the channel (its waiting counts against it)
+    address: str = ""
     ends: dict[str, web.WebSocketResponse] = field(default_factory=dict)
     paired: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -110,9 +122,20 @@ class RateLimit:
             return False
         q.append(now)
         if len(self._seen) > 10_000:  # forget quiet addresses so the table stays small
-            for addr in [a for a, d in self._seen.items() if not d]:
-                del self._seen[addr]
+            self.prune()
         return True
+
+    def prune(self) -> int:
+        """Drop what has left the window, and addresses with nothing left; returns how many
+        addresses remain."""
+        cutoff = self.clock() - 60.0
+        for addr in list(self._seen):
+            q = self._seen[addr]
+            while q and q[0] <= cutoff:
+                q.popleft()
+            if not q:
+                del self._seen[addr]
+        return len(self._seen)
 
 
 class Relay:
@@ -151,7 +174,16 @@ class Relay:
             if len(self.channels) >= cfg.max_channels:
                 await self._refuse(ws, "busy", "the relay has too many open channels; try later")
                 return ws
-            ch = _Channel(token, time.monotonic())
+            if self.waiting(address) >= cfg.max_waiting_per_address:
+                log.warning("relay: refused %s: too many waiting channels", address)
+                await self._refuse(
+                    ws,
+                    "too-many-waiting",
+                    "this address already has too many channels waiting for their other side; "
+                    "try later",
+                )
+                return ws
+            ch = _Channel(token, time.monotonic(), address)
             self.channels[token] = ch
         if role in ch.ends or ch.closed.is_set():
             await self._refuse(ws, "token-in-use", "this channel already has that side")
@@ -168,6 +200,14 @@ class Relay:
         finally:
             await self._close_channel(ch, ch.reason or "ended")
         return ws
+
+    def waiting(self, address: str) -> int:
+        """Channels opened from ``address`` still waiting for their other side."""
+        return sum(
+            1
+            for ch in self.channels.values()
+            if ch.address == address and not ch.paired.is_set() and not ch.closed.is_set()
+        )
 
     async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str) -> None:
         self.stats["refused"] += 1
@@ -209,20 +249,21 @@ class Relay:
     async def _serve(self, ch: _Channel, role: str, ws: web.WebSocketResponse) -> None:
         cfg = self.config
         deadline = ch.created + cfg.max_seconds
-        # Waiting: only the other side's arrival (or this side leaving) ends it.
+        # Waiting: the other side's arrival, this side leaving, or the wait timeout ends it.
+        wait_until = min(deadline, ch.created + cfg.wait_timeout)
         recv = asyncio.ensure_future(ws.receive())
         paired = asyncio.ensure_future(ch.paired.wait())
         try:
             done, _ = await asyncio.wait(
                 {recv, paired},
-                timeout=max(0.0, deadline - time.monotonic()),
+                timeout=max(0.0, wait_until - time.monotonic()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             paired.cancel()
         if not ch.paired.is_set():
             recv.cancel()
-            ch.reason = "left before pairing" if recv in done else "max-seconds"
+            ch.reason = "left before pairing" if recv in done else "wait-timeout"
             return
         await ws.send_str(json.dumps({"ok": "paired"}))
         other = ch.ends["receiver" if role == "sender" else "sender"]
@@ -265,6 +306,7 @@ class Relay:
         ch.closed.set()
         if self.channels.get(ch.token) is ch:
             del self.channels[ch.token]
+        self.rate.prune()
         log.info(
             "relay: channel %s closed (%s) after %d bytes", ch.token[:8], reason, ch.forwarded
         )
@@ -344,6 +386,20 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout, metavar="S")
     p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=d.wait_timeout,
+        metavar="S",
+        help="how long a channel waits for its other side",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=d.max_waiting_per_address,
+        metavar="N",
+        help="waiting channels per address",
+    )
+    p.add_argument(
         "--allow",
         nargs="+",
         action="extend",
@@ -365,6 +421,8 @@ def register(sub: Any) -> None:
             idle_timeout=args.idle_timeout,
             allow=frozenset(args.allow or ()),
             rate_per_min=args.rate,
+            max_waiting_per_address=args.max_waiting,
+            wait_timeout=args.wait_timeout,
         )
         runner, _app = await start_relay(cfg)
         addrs = [f"{a[0]}:{a[1]}" for a in runner.addresses]

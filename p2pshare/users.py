@@ -9,6 +9,10 @@ SHA-256, so a copy of the database does not let anyone sign in as a member of st
 ends after ``idle_s`` without a request or ``absolute_s`` after sign-in, whichever comes first.
 Each session has its own CSRF token, which the browser must echo in ``X-CSRF-Token`` on every
 request that changes something.
+
+Floods: a locked account is refused before any password is hashed (``locked_until``), and
+:class:`AttemptLimit` counts failed sign-ins per address so that one address cannot keep the
+node hashing (the node also runs at most two Argon2 checks at once).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hmac
 import secrets
 import sqlite3
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -228,6 +233,11 @@ class Users:
         except (nacl.exceptions.InvalidkeyError, nacl.exceptions.CryptoError):
             return False
 
+    def locked_until(self, name: str) -> int:
+        """Until when (epoch seconds) the account is locked; 0 when it is not (or unknown)."""
+        row = self._db.execute("SELECT locked_until FROM users WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row is not None and row[0] > self._now() else 0
+
     def conclude(self, name: str, stored: str | None, ok: bool) -> Attempt:
         """Count the attempt, lock the account at the limit, or open a session."""
         now = self._now()
@@ -304,3 +314,51 @@ class Users:
 
 def csrf_matches(session: Session, given: str) -> bool:
     return bool(given) and hmac.compare_digest(session.csrf.encode(), given.encode())
+
+
+class AttemptLimit:
+    """At most ``per_min`` failed sign-ins from one address in any 60 seconds; then that
+    address is refused before any password is hashed until the oldest failure is a minute old.
+    Successful sign-ins do not count (a ward behind one address signs in often).
+
+    The table holds at most ``max_addresses`` addresses; the least recently seen are forgotten
+    first, so a flood from many addresses cannot grow it.
+    """
+
+    def __init__(
+        self,
+        per_min: int = 10,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_addresses: int = 10_000,
+    ) -> None:
+        self.per_min = per_min
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._failed: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def wait(self, address: str) -> float:
+        """0 when ``address`` may try to sign in now; otherwise the seconds until it may."""
+        failed = self._failed.get(address)
+        if failed is None:
+            return 0.0
+        now = self._clock()
+        while failed and failed[0] <= now - 60.0:
+            failed.popleft()
+        if not failed:
+            del self._failed[address]
+            return 0.0
+        if len(failed) < self.per_min:
+            return 0.0
+        return max(failed[0] + 60.0 - now, 0.001)
+
+    def failed(self, address: str) -> None:
+        """Count a failed sign-in from ``address``."""
+        failed = self._failed.get(address)
+        if failed is None:
+            failed = self._failed[address] = deque()
+            while len(self._failed) > self.max_addresses:
+                self._failed.popitem(last=False)
+        else:
+            self._failed.move_to_end(address)
+        failed.append(self._clock())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -58,7 +59,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if cfg.pacs_target:
         PacsTarget.parse(cfg.pacs_target)
     check_ae_title(cfg.ae_title)
-    library = await asyncio.to_thread(Library, cfg.data_dir)
+    library = await asyncio.to_thread(
+        functools.partial(Library, cfg.data_dir, min_free_bytes=cfg.min_free_bytes)
+    )
     app[library_key] = library
     app[exports_key] = Exports(cfg.data_dir)
     background: list[asyncio.Task[None]] = [asyncio.create_task(_sweep_quiet(app))]
@@ -79,6 +82,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             port=cfg.dicom_port,
             allow=cfg.dicom_allow,
             on_stored=stored,
+            max_instance_bytes=cfg.dicom_max_instance_bytes,
         )
         scp.start()
         app[scp_key] = scp
@@ -244,6 +248,11 @@ async def get_study(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/studies/import")
 async def import_studies(request: web.Request) -> web.Response:
+    """Import from a path on the node's own disk: the operator's call (the CLI with the node's
+    token), never a browser's (a browser uploads the study instead)."""
+    from p2pshare.node.web_routes import require_operator  # web_routes imports this module
+
+    require_operator(request)
     body = await _json(request)
     path = _text(body, "path")
     if not path:

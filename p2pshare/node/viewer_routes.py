@@ -1,10 +1,13 @@
 """The viewer's routes: the page, the series list, pixels and thumbnails of received studies.
 
 ``setup(app)`` adds them. The page (``/viewer?job=<receive job id>``, or ``?study=<library
-study id>`` for a study in the node's library) polls the series list while the study arrives; only instances verified and in place are listed or served (see
-:mod:`p2pshare.viewer.study`). Decoding runs in worker threads, at most two at a time, with
-decoded frames and thumbnails kept in small LRU caches. Responses carry patient data for the
-staff's screen: they are marked ``no-store`` and nothing here logs them.
+study id>`` for a study in the node's library) polls the series list while the study arrives;
+only instances verified and in place are listed or served (see :mod:`p2pshare.viewer.study`).
+Decoding (and encoding for the wire) runs in worker threads, at most two decodes at a time, with
+decoded frames and thumbnails kept in small LRU caches; an image whose header declares more
+than :data:`~p2pshare.viewer.decode.MAX_FRAME_BYTES` per frame is refused (422
+``image-too-large``) before any pixel is decoded. Responses carry patient data for the staff's
+screen: they are marked ``no-store`` and nothing here logs them.
 """
 
 from __future__ import annotations
@@ -181,9 +184,9 @@ async def _frame(request: web.Request) -> tuple[tuple[str, int, int], decode.Fra
 @routes.get("/api/v1/studies/{study_id}/instances/{sop}/pixels")
 async def pixels(request: web.Request) -> web.Response:
     _, frame = await _frame(request)
-    return web.Response(
-        body=decode.encode(frame), content_type="application/octet-stream", headers=NO_STORE
-    )
+    # Copying a frame of up to 64 MiB (and more as float32) is not work for the event loop.
+    body = await asyncio.to_thread(decode.encode, frame)
+    return web.Response(body=body, content_type="application/octet-stream", headers=NO_STORE)
 
 
 @routes.get("/api/v1/transfers/{job_id}/instances/{sop}/thumbnail.png")

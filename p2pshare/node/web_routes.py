@@ -10,6 +10,11 @@ the patient's ``/consent/`` pages and static assets stay public.
 
 The browser never names a path on the node: uploads land in a folder the node picks, received
 studies go to ``<data dir>/received/<id>``, and offers are made from the node's study library.
+The API calls that do take a path are for the node's operator only (``require_operator``).
+
+Limits: failed sign-ins per address (``SIGN_IN_PER_MIN``) and Argon2 checks at once
+(``MAX_HASHING``), uploads at once (``MAX_UPLOADS``); each answers 429 with ``Retry-After``.
+An upload is refused (507) when it would leave less than the node's ``min_free_bytes`` free.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import re
 import secrets
@@ -39,7 +45,7 @@ from p2pshare.library import Library
 from p2pshare.node import service
 from p2pshare.node.keys import config_key, engine_key, store_key
 from p2pshare.node.pacs_routes import library_key
-from p2pshare.users import Role, Session, SignIn, Users, csrf_matches
+from p2pshare.users import AttemptLimit, Role, Session, SignIn, Users, csrf_matches
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +57,36 @@ MAX_IMAGE_BYTES = 12 * 1024**2
 MAX_IMAGE_PIXELS = 40_000_000
 SWEEP_EVERY_S = 300.0
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+#: Failed sign-ins one address may make per minute (then 429 until the oldest is a minute old).
+SIGN_IN_PER_MIN = 10
+#: Argon2 password checks running at once (each takes a core and 64 MiB for a moment).
+MAX_HASHING = 2
+#: Uploads streaming at once.
+MAX_UPLOADS = 2
+
+
+class Slots:
+    """At most ``size`` holders at once; ``take`` answers False rather than waiting (the
+    event loop's own counter: no lock needed)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+
+    def take(self) -> bool:
+        if self.busy >= self.size:
+            return False
+        self.busy += 1
+        return True
+
+    def give(self) -> None:
+        self.busy = max(0, self.busy - 1)
+
 
 users_key = web.AppKey("users_key", Users)
+sign_in_limit_key = web.AppKey("sign_in_limit_key", AttemptLimit)
+hashing_key = web.AppKey("hashing_key", Slots)
+uploads_key = web.AppKey("uploads_key", Slots)
 staff_key = "p2pshare.staff"
 
 #: Pages that need a signed-in member of staff (file in web/, or None when another module
@@ -102,8 +136,34 @@ def required_role(method: str, path: str) -> Role | None:
     return Role.ADMIN
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+def _error(
+    status: int, code: str, message: str, *, retry_after: float | None = None
+) -> web.Response:
+    res = web.json_response({"error": code, "message": message}, status=status)
+    if retry_after is not None:
+        res.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+    return res
+
+
+def require_operator(request: web.Request) -> None:
+    """Let only the node's operator (the bearer token: the CLI) make this call, never a staff
+    browser session: for API calls that name a path on the node's own disk.
+
+    Raises:
+        web.HTTPForbidden: the request is authenticated by a staff session cookie.
+    """
+    if request.get(staff_key) is not None:
+        raise web.HTTPForbidden(
+            text=json.dumps(
+                {
+                    "error": "operator-only",
+                    "message": "this call names a path on the node's own disk, so only the "
+                    "node's operator may make it (the p2pshare command line, with the node's "
+                    "token), not a browser session; upload the study on the send page instead",
+                }
+            ),
+            content_type="application/json",
+        )
 
 
 def staff_session(request: web.Request) -> Session | None:
@@ -162,19 +222,45 @@ async def sign_in(request: web.Request) -> web.Response:
     name, password = body.get("name"), body.get("password")
     if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
         raise ConfigError("give both the user name and the password")
-    users = request.app[users_key]
+    app = request.app
+    users = app[users_key]
     shown = name[:64]
-    stored = users.password_record(name)
-    ok = await asyncio.to_thread(users.verify, stored, password)
-    attempt = users.conclude(name, stored, ok)
-    if attempt.outcome is SignIn.LOCKED:
+    address = request.remote or "unknown"
+    wait = app[sign_in_limit_key].wait(address)
+    if wait:
+        return _error(
+            429,
+            "too-many-attempts",
+            f"too many sign-in attempts from this address; wait {int(wait + 0.999)} seconds "
+            "and try again",
+            retry_after=wait,
+        )
+    # A locked account is refused before any password is hashed.
+    locked_until = users.locked_until(name)
+    if not locked_until:
+        if not app[hashing_key].take():
+            return _error(
+                429, "busy", "the node is busy checking other sign-ins; try again in a moment",
+                retry_after=1,
+            )
+        try:
+            stored = users.password_record(name)
+            ok = await asyncio.to_thread(users.verify, stored, password)
+        finally:
+            app[hashing_key].give()
+        attempt = users.conclude(name, stored, ok)
+        if attempt.outcome is not SignIn.OK:
+            app[sign_in_limit_key].failed(address)
+        locked_until = attempt.locked_until if attempt.outcome is SignIn.LOCKED else 0
+    if locked_until:
         _audit(request, "staff-sign-in", "locked", user=shown)
-        minutes = max(1, round((attempt.locked_until - time.time()) / 60))
+        minutes = max(1, round((locked_until - time.time()) / 60))
         return _error(
             429,
             "locked",
             f"too many wrong passwords: this account is locked for about {minutes} minute(s); "
             f"an admin can lift it with 'p2pshare user passwd {shown}'",
+            retry_after=max(1.0, locked_until - time.time()),
         )
     if attempt.outcome is SignIn.FAILED or attempt.session is None:
         _audit(request, "staff-sign-in", "failed", user=shown)
@@ -315,9 +401,15 @@ async def offer_study(request: web.Request) -> web.Response:
         expires if isinstance(expires, int) else None,
         consent_policy=policy if isinstance(policy, str) else None,
         destination=destination if isinstance(destination, str) and destination else None,
+        actor=_user_name(request),
     )
     offer["study_id"] = study_id
     return web.json_response(offer, status=201)
+
+
+def _user_name(request: web.Request) -> str:
+    session: Session | None = request.get(staff_key)
+    return session.user.name if session is not None else "api-token"
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
@@ -344,13 +436,34 @@ def _safe_name(index: int, given: str | None) -> str:
 @routes.post("/api/v1/uploads")
 async def upload(request: web.Request) -> web.Response:
     """A study from the browser: multipart, one .zip or many files, streamed to disk, imported."""
-    cfg = request.app[config_key]
     if not request.content_type.startswith("multipart/"):
         raise ConfigError("upload the study as multipart/form-data (a .zip or its files)")
-    folder = cfg.data_dir / "uploads" / secrets.token_hex(8)
-    folder.mkdir(parents=True, mode=0o700)
+    slots = request.app[uploads_key]
+    if not slots.take():
+        return _error(
+            429,
+            "busy",
+            f"{slots.size} uploads are already running on this node; wait for one to finish "
+            "and upload again",
+            retry_after=10,
+        )
     try:
-        files, total = await _receive_parts(request, folder, cfg.max_study_bytes)
+        return await _upload(request)
+    finally:
+        slots.give()
+
+
+async def _upload(request: web.Request) -> web.Response:
+    cfg = request.app[config_key]
+    uploads = cfg.data_dir / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_disk(uploads, cfg.min_free_bytes, request.content_length or 0)
+    folder = uploads / secrets.token_hex(8)
+    folder.mkdir(mode=0o700)
+    try:
+        files, total = await _receive_parts(
+            request, folder, cfg.max_study_bytes, cfg.min_free_bytes
+        )
         if not files:
             raise InputError("the upload held no files; choose the study's .zip or its files")
         target = files[0] if len(files) == 1 else folder
@@ -373,8 +486,23 @@ async def upload(request: web.Request) -> web.Response:
     return web.json_response(result, status=201)
 
 
+def _check_disk(folder: Path, keep_free: int, incoming: int) -> None:
+    """Refuse (507) what would leave less than ``keep_free`` bytes free on ``folder``'s disk."""
+    if shutil.disk_usage(folder).free - incoming < keep_free:
+        raise web.HTTPInsufficientStorage(
+            text=json.dumps(
+                {
+                    "error": "disk-full",
+                    "message": "this node's disk is too full to take the upload (it keeps "
+                    f"{keep_free / 1e6:.0f} MB free); ask the node's operator to free space",
+                }
+            ),
+            content_type="application/json",
+        )
+
+
 async def _receive_parts(
-    request: web.Request, folder: Path, limit: int
+    request: web.Request, folder: Path, limit: int, keep_free: int
 ) -> tuple[list[Path], int]:
     reader = await request.multipart()
     files: list[Path] = []
@@ -393,6 +521,7 @@ async def _receive_parts(
                     raise InputError(
                         f"the upload is larger than this node accepts ({limit / 1e9:.0f} GB)"
                     )
+                _check_disk(folder, keep_free, len(chunk))
                 await asyncio.to_thread(fh.write, chunk)
         files.append(path)
     return files, total
@@ -503,5 +632,8 @@ async def _sweep(users: Users) -> None:
 
 def setup(app: web.Application) -> None:
     """Add the web app's routes and the accounts (after the store exists)."""
+    app[sign_in_limit_key] = AttemptLimit(SIGN_IN_PER_MIN)
+    app[hashing_key] = Slots(MAX_HASHING)
+    app[uploads_key] = Slots(MAX_UPLOADS)
     app.cleanup_ctx.append(_users)
     app.add_routes(routes)

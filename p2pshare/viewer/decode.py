@@ -47,11 +47,16 @@ from p2pshare.errors import DicomError, InputError
 
 __all__ = [
     "MAGIC",
+    "MAX_FILE_BYTES",
+    "MAX_FRAME_BYTES",
     "THUMBNAIL_PX",
     "Frame",
+    "ImageTooLarge",
     "InstanceInfo",
+    "check_size",
     "decode_frame",
     "encode",
+    "frame_bytes",
     "read_info",
     "thumbnail_png",
     "windowed",
@@ -59,6 +64,16 @@ __all__ = [
 
 MAGIC = b"P2PX"
 THUMBNAIL_PX = 128
+#: The largest decoded frame the viewer accepts (rows × columns × samples × bytes per sample).
+#: Decoding and the modality LUT need several times this again (float64 intermediates), so a
+#: small file declaring a huge image (8192 × 8192 × 16 bits = 128 MiB) must be refused before
+#: any pixel is decoded. The largest ordinary images (a 4k × 5k mammogram, a 4k × 3k RGB
+#: photograph) are well below it.
+MAX_FRAME_BYTES = 64 * 1024**2
+#: The most pixel data decoded at once when a file can only be decoded whole (deflated).
+MAX_FILE_BYTES = 1024**3
+#: Values longer than this are read from the file only when used (the pixel data never is).
+_DEFER_BYTES = 64 * 1024
 _PATIENT = {"name": "PatientName", "id": "PatientID", "birth_date": "PatientBirthDate",
             "sex": "PatientSex"}  # fmt: skip
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
@@ -72,6 +87,12 @@ _DAMAGED = (
     "this image's pixel data could not be decoded (it may be damaged at the source); the file "
     "itself arrived exactly as the sender had it"
 )
+
+
+class ImageTooLarge(DicomError):
+    """The header declares an image larger than the viewer decodes (the file is fine)."""
+
+    code = "image-too-large"
 
 
 @dataclass(frozen=True)
@@ -173,13 +194,18 @@ def read_info(path: Path) -> InstanceInfo:
 def decode_frame(path: Path, index: int = 0) -> Frame:
     """Decode frame ``index`` of the file at ``path``.
 
+    Only that frame's pixel data is read and decoded, and only after the header's image size
+    has been checked against :data:`MAX_FRAME_BYTES` (see :func:`check_size`).
+
     Raises:
+        ImageTooLarge: the header declares an image larger than this viewer decodes.
         DicomError: no image, a compression this node cannot decode, or damaged pixel data.
         InputError: ``index`` is not a frame of this image.
     """
     with quiet_pydicom():
         try:
-            ds = dcmread(path)
+            # Large values (the pixel data above all) stay on disk until asked for.
+            ds = dcmread(path, defer_size=_DEFER_BYTES)
         except Exception as exc:  # noqa: BLE001
             raise DicomError("this file could not be read as DICOM") from exc
         if "PixelData" not in ds and "FloatPixelData" not in ds:
@@ -197,8 +223,14 @@ def decode_frame(path: Path, index: int = 0) -> Frame:
                 f"viewer; the file itself arrived intact: open it in a PACS workstation"
             )
         photometric = _text(ds, "PhotometricInterpretation").upper()
+        # A deflated file can only be inflated whole: then every frame counts.
+        whole = syntax.is_deflated
+        check_size(ds, frames if whole else 1)
         try:
-            arr = pixel_array(ds, index=index if frames > 1 else None)
+            if whole:
+                arr = pixel_array(dcmread(path), index=index if frames > 1 else None)
+            else:
+                arr = pixel_array(path, index=index if frames > 1 else None)
             if photometric == "PALETTE COLOR":
                 arr = apply_color_lut(arr, ds)
             elif photometric not in _COLOUR:
@@ -212,6 +244,49 @@ def decode_frame(path: Path, index: int = 0) -> Frame:
         if arr.ndim != 2:
             raise DicomError(_DAMAGED)
         return _mono_frame(arr, ds, photometric, index, frames)
+
+
+def frame_bytes(ds: Dataset) -> int:
+    """What one decoded frame of ``ds`` takes in memory, from its header alone:
+    rows × columns × samples per pixel × bytes per sample (a palette becomes RGB)."""
+    rows = max(0, _int(ds, "Rows") or 0)
+    columns = max(0, _int(ds, "Columns") or 0)
+    samples = max(1, _int(ds, "SamplesPerPixel") or 1)
+    if _text(ds, "PhotometricInterpretation").upper() == "PALETTE COLOR":
+        samples = max(samples, 3)
+    bits = _int(ds, "BitsAllocated") or 16
+    if "FloatPixelData" in ds:
+        bits = max(bits, 32)
+    return rows * columns * samples * max(1, (bits + 7) // 8)
+
+
+def check_size(ds: Dataset, frames: int = 1) -> None:
+    """Refuse an image whose decoding would take more memory than the viewer allows: one frame
+    above :data:`MAX_FRAME_BYTES`, or ``frames`` frames (decoded together) above
+    :data:`MAX_FILE_BYTES`.
+
+    Raises:
+        ImageTooLarge: with the declared size in the message.
+    """
+    per_frame = frame_bytes(ds)
+    rows, columns = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0
+    if per_frame > MAX_FRAME_BYTES:
+        raise ImageTooLarge(
+            f"this image is too large to display here ({columns} × {rows} pixels, "
+            f"{_mib(per_frame)} per frame; this viewer decodes up to {_mib(MAX_FRAME_BYTES)}); "
+            "the file itself arrived intact: open it in a PACS workstation"
+        )
+    if per_frame * frames > MAX_FILE_BYTES:
+        raise ImageTooLarge(
+            f"this image is too large to display here ({frames} frames of {columns} × {rows} "
+            f"pixels, {_mib(per_frame * frames)} decoded; this viewer decodes up to "
+            f"{_mib(MAX_FILE_BYTES)} per file); the file itself arrived intact: open it in a "
+            "PACS workstation"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.0f} MiB"
 
 
 def _decodable(syntax: UID) -> bool:
