@@ -73,7 +73,14 @@ def _consent_config(args: argparse.Namespace) -> dict[str, Any]:
     policy = getattr(args, "consent_policy", None) or getattr(args, "consent", None)
     if policy:
         out["consent_policy"] = policy
-    for key in ("privacy_contact", "privacy_webhook", "public_url", "break_glass_minutes"):
+    for key in (
+        "privacy_contact",
+        "privacy_webhook",
+        "public_url",
+        "break_glass_minutes",
+        "reconnect_attempts",
+        "reconnect_delay_s",
+    ):
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
@@ -201,6 +208,21 @@ async def _watch(client: NodeClient, job: str, out: Output, role: str) -> int:
                 out.say(f"Consent: {text} at {at}.")
         elif kind == "streaming":
             out.say("Streaming…")
+        elif kind == "interrupted":
+            out.close_bar()
+            out.say(f"Connection lost ({e.get('message', '')}); waiting for the receiver to "
+                    f"reconnect…")  # fmt: skip
+        elif kind == "reconnecting":
+            out.close_bar()
+            out.say(f"Connection lost: {e['reason']}. Reconnecting in {e['delay_s']:g} s "
+                    f"(attempt {e['attempt']})…")  # fmt: skip
+        elif kind == "resumed":
+            out.say("Reconnected: resuming from what already arrived.")
+        elif kind == "resuming":
+            out.say(
+                f"Resuming: {e['files_verified']} of {e['files_total']} instances already "
+                f"in place, {_fmt_bytes(e['bytes_held'])} held."
+            )
         elif kind == "progress":
             done = e.get("bytes_sent", e.get("bytes_received", 0))
             out.progress(
@@ -325,8 +347,12 @@ async def cmd_break_glass(args: argparse.Namespace, out: Output) -> int:
 async def cmd_receive(args: argparse.Namespace, out: Output) -> int:
     local = None if args.node else _node_config(args, default_port=0)
     async with connect_node(args.node, Path(args.data_dir).expanduser(), local) as client:
-        job = await client.receive(args.code, args.out, args.sources or [])
+        if args.resume:
+            job = await client.resume(args.resume)
+        else:
+            job = await client.receive(args.code, args.out, args.sources or [])
         out.json({"type": "receiving", "job": job})
+        out.say(f"Transfer job {job} (to resume after an interruption: --resume {job})")
         return await _watch(client, job, out, "receive")
 
 
@@ -484,6 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--public-url", metavar="URL", help="base URL patients' phones use to reach this node"
     )
+    p.add_argument(
+        "--reconnect-attempts",
+        type=int,
+        help="after a cut, reconnect this many times (with backoff) before waiting for "
+        "`receive --resume` (default 8)",
+    )
+    p.add_argument(
+        "--reconnect-delay",
+        dest="reconnect_delay_s",
+        type=float,
+        help="first reconnection delay in seconds, doubling up to 30 (default 0.5)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_serve)
 
@@ -510,8 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("receive", help="receive a study with a spoken code or QR link")
-    p.add_argument("code", help="the spoken code (7-word-word-word-word) or the p2pshare:// link")
-    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument(
+        "code", nargs="?", help="the spoken code (7-word-word-word-word) or the p2pshare:// link"
+    )
+    p.add_argument("--out", help="destination folder")
+    p.add_argument(
+        "--resume",
+        metavar="JOB",
+        help="carry on an interrupted transfer (its job id) from what already arrived",
+    )
     p.add_argument(
         "--from",
         dest="sources",
@@ -570,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     out = Output(bool(args.json))
+    if args.command == "receive" and not args.resume and not (args.code and args.out):
+        print("Error: give the code (or QR link) and --out, or --resume JOB", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "peers" and args.action == "forget" and not args.peer:
         print("Error: name the institution to forget", file=sys.stderr)
         return EXIT_USAGE

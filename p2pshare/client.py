@@ -120,6 +120,11 @@ class NodeClient:
         with contextlib.suppress(P2PShareError):
             await self._call("DELETE", f"/api/v1/offers/{offer_id}")
 
+    async def resume(self, job: str) -> str:
+        """Reconnect an interrupted receive job; returns the job id to follow."""
+        data = await self._call("POST", "/api/v1/receive/resume", {"job": job})
+        return str(data["job"])
+
     async def receive(self, code: str, out: str, sources: list[str]) -> str:
         data = await self._call(
             "POST",

@@ -66,11 +66,17 @@ class NodeProc:
 
 
 async def spawn_node(
-    name: str, data_dir: Path, *, timeout: float = 30.0, extra_args: Sequence[str] = ()
+    name: str,
+    data_dir: Path,
+    *,
+    timeout: float = 30.0,
+    extra_args: Sequence[str] = (),
+    port: int | None = None,
 ) -> NodeProc:
-    """Start ``p2pshare serve`` as a subprocess and wait until its API answers."""
+    """Start ``p2pshare serve`` as a subprocess and wait until its API answers (on ``port``,
+    e.g. the one it had before a restart, or a free one)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log_path = data_dir / "serve.log"
     log_fh = open(log_path, "ab")  # noqa: SIM115 - handed to the child process
     proc = await asyncio.create_subprocess_exec(
@@ -128,11 +134,14 @@ async def two_nodes(
     workdir: Path,
     sender_name: str = "Referring Hospital ED (demo)",
     receiver_name: str = "Trauma Centre Radiology (demo)",
+    receiver_args: Sequence[str] = (),
 ) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
     """A referring hospital's node and a trauma centre's node, stopped on exit."""
     sender = await spawn_node(sender_name, workdir / "referring-node")
     try:
-        receiver = await spawn_node(receiver_name, workdir / "trauma-node")
+        receiver = await spawn_node(
+            receiver_name, workdir / "trauma-node", extra_args=receiver_args
+        )
         try:
             yield sender, receiver
         finally:

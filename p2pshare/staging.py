@@ -74,11 +74,13 @@ class Staging:
         manifest: Manifest,
         on_placed: Callable[[int], None],
         max_pending: int = 32,
+        already_placed: int = 0,
     ) -> None:
         self.out_dir = out_dir
         self.dir = staging_dir
         self.manifest = manifest
-        self.placed = 0
+        #: instances in place, including those placed by an earlier connection (resume)
+        self.placed = already_placed
         self.failures: dict[int, str] = {}
         self._root = out_dir.resolve()
         self._on_placed = on_placed
@@ -91,6 +93,7 @@ class Staging:
         self._commit: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._fh: IO[bytes] | None = None  # write thread only
+        self._fh_index = -1  # write thread only
         self._dirs: set[Path] = set()  # commit thread only
         # Patient data: the staging area is private to the node's user.
         staging_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -194,6 +197,7 @@ class Staging:
 
     def _close_sync(self) -> None:
         fh, self._fh = self._fh, None
+        self._fh_index = -1
         if fh is not None:
             fh.close()
 
@@ -204,10 +208,55 @@ class Staging:
             self._close_sync()
             fd = os.open(self._part(file_index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             self._fh = os.fdopen(fd, "wb")
+            self._fh_index = file_index
+        elif self._fh_index != file_index:
+            # Resumed part-way: the held chunks are on disk (checked by resume_state).
+            self._close_sync()
+            fd = os.open(self._part(file_index), os.O_WRONLY, 0o600)
+            os.lseek(fd, chunk_index * self.manifest.chunk_size, os.SEEK_SET)
+            self._fh = os.fdopen(fd, "wb")
+            self._fh_index = file_index
         assert self._fh is not None
         self._fh.write(data)
         if last:
             self._close_sync()
+
+    def resume_state(self) -> tuple[dict[int, int], dict[int, Any], int]:
+        """What an earlier connection left (run in a thread): chunks held per file, a SHA-256
+        over the held part of each partial file, and how many instances are already placed.
+
+        A placed instance is checked against the manifest's hash once more; a staged part counts only in whole
+        chunks (a torn last write is cut off), and a part that is complete but was never placed
+        keeps all but its last chunk, so that chunk comes again and the file is verified whole.
+        """
+        m = self.manifest
+        have: dict[int, int] = {}
+        prefix: dict[int, Any] = {}
+        placed = 0
+        for fi, inst in enumerate(m.instances):
+            final = self.out_dir / inst.relpath(m.study_instance_uid)
+            if final.is_file() and final.stat().st_size == inst.size and _sha256(final) == inst.sha256:
+                have[fi] = m.chunk_count(fi)
+                placed += 1
+                continue
+            part = self._part(fi)
+            try:
+                size = part.stat().st_size
+            except FileNotFoundError:
+                continue
+            n = min(size // m.chunk_size, m.chunk_count(fi) - 1)
+            if n <= 0:
+                part.unlink(missing_ok=True)
+                continue
+            held = n * m.chunk_size
+            h = hashlib.sha256()
+            with open(part, "r+b") as fh:
+                fh.truncate(held)
+                while block := fh.read(min(1 << 20, held - fh.tell())):
+                    h.update(block)
+            have[fi] = n
+            prefix[fi] = h
+        return have, prefix, placed
 
     def _discard_sync(self, file_index: int) -> None:
         self._close_sync()

@@ -78,6 +78,20 @@ ACTIVE, PAIRED, SENDING, COMPLETED = "active", "paired", "sending", "completed"
 EXPIRED, BURNT, CANCELLED, FAILED = "expired", "burnt", "cancelled", "failed"
 #: the patient declined (or the consent link died under policy 'patient'): final
 DECLINED = "declined"
+#: the connection was lost mid-transfer; the receiver may reconnect with its resume ticket
+INTERRUPTED = "interrupted"
+
+_RESUME_COLUMNS = (
+    ("offers", "resume_id", "TEXT"),
+    ("offers", "resume_secret", "BLOB"),
+    ("offers", "resume_expires", "INTEGER"),
+    ("transfers", "resume_id", "TEXT"),
+    ("transfers", "resume_secret", "BLOB"),
+    ("transfers", "resume_expires", "INTEGER"),
+    ("transfers", "offer_id", "TEXT"),
+    ("transfers", "sender_address", "TEXT"),
+    ("transfers", "staging", "TEXT"),
+)
 _LIVE = (ACTIVE,)
 
 
@@ -144,6 +158,11 @@ class Store:
             self.db.execute("ALTER TABLE transfers ADD COLUMN consent TEXT")
         if "path" not in cols:  # which path a transfer used: direct | lan | relay
             self.db.execute("ALTER TABLE transfers ADD COLUMN path TEXT")
+        # Resume (both sides keep a ticket derived from the last connection's session key).
+        for table, col, kind in _RESUME_COLUMNS:
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if col not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -240,6 +259,81 @@ class Store:
         self._forget_code(offer_id)
         return cur.rowcount == 1
 
+    # -- resume ----------------------------------------------------------------------------------
+
+    def set_resume(
+        self, table: str, key: str, ticket: str, secret: bytes, expires: int, **fields: Any
+    ) -> None:
+        """Keep the resume ticket of an offer (sender) or a transfer job (receiver)."""
+        assert table in ("offers", "transfers")
+        cols = ["resume_id", "resume_secret", "resume_expires", *fields]
+        sets = ", ".join(f"{c} = ?" for c in cols)
+        self.db.execute(
+            f"UPDATE {table} SET {sets} WHERE id = ?",
+            (ticket, secret, expires, *fields.values(), key),
+        )
+
+    def resume_secret(self, table: str, key: str, now: int) -> tuple[str, bytes] | None:
+        """(ticket id, secret) while unexpired."""
+        assert table in ("offers", "transfers")
+        row = self.db.execute(
+            f"SELECT resume_id, resume_secret, resume_expires FROM {table} WHERE id = ?", (key,)
+        ).fetchone()
+        if row is None or not row["resume_id"] or (row["resume_expires"] or 0) <= now:
+            return None
+        return row["resume_id"], bytes(row["resume_secret"])
+
+    def find_resumable_offer(self, ticket: str, now: int) -> Offer | None:
+        row = self.db.execute(
+            "SELECT * FROM offers WHERE resume_id = ? AND resume_expires > ? AND state IN "
+            "(?, ?, ?)",
+            (ticket, now, PAIRED, SENDING, INTERRUPTED),
+        ).fetchone()
+        return _offer(row) if row else None
+
+    def claim_resume(self, offer_id: str) -> bool:
+        """Atomically take an interrupted (or not yet noticed as lost) transfer back."""
+        cur = self.db.execute(
+            "UPDATE offers SET state = ? WHERE id = ? AND state IN (?, ?, ?)",
+            (PAIRED, offer_id, PAIRED, SENDING, INTERRUPTED),
+        )
+        return cur.rowcount == 1
+
+    def interrupted_on_start(self, now: int) -> list[str]:
+        """After a restart: transfers that were running are interrupted (or failed if their
+        ticket expired); returns the offer ids that can still be resumed."""
+        with self.db:
+            self.db.execute(
+                "UPDATE offers SET state = ?, error = ? WHERE state IN (?, ?) AND "
+                "(resume_expires IS NULL OR resume_expires <= ?)",
+                (FAILED, "the sending node stopped during the transfer", PAIRED, SENDING, now),
+            )
+            self.db.execute(
+                "UPDATE offers SET state = ? WHERE state IN (?, ?)",
+                (INTERRUPTED, PAIRED, SENDING),
+            )
+        return [
+            r["id"]
+            for r in self.db.execute(
+                "SELECT id FROM offers WHERE state = ? AND resume_expires > ?",
+                (INTERRUPTED, now),
+            )
+        ]
+
+    def expire_resumes(self, now: int) -> list[str]:
+        ids = [
+            r["id"]
+            for r in self.db.execute(
+                "SELECT id FROM offers WHERE state = ? AND resume_expires <= ?",
+                (INTERRUPTED, now),
+            )
+        ]
+        for offer_id in ids:
+            self.set_offer_state(
+                offer_id, FAILED, error="the transfer was not resumed in time (ticket expired)"
+            )
+        return ids
+
     def record_failed_attempt(self, offer_id: str) -> int | None:
         """Count a wrong code against a live offer; burn it at the limit. Returns tries left.
 
@@ -291,6 +385,7 @@ class Store:
             return None
         d = dict(row)
         d.pop("manifest", None)
+        d.pop("resume_secret", None)  # a credential: never shown
         d["receipt"] = json.loads(d["receipt"]) if d["receipt"] else None
         d["consent"] = json.loads(d["consent"]) if d.get("consent") else None
         return d

@@ -79,6 +79,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Offers survive a restart: give each live one a job again so progress can be watched.
     for offer_id, expires in store.live_offers():
         jobs.create("offer", offer_id).emit("waiting", expires=expires)
+    # Transfers that were running when the node stopped can resume with their tickets.
+    for offer_id in store.interrupted_on_start(engine.now()):
+        jobs.create("offer", offer_id).emit(
+            "interrupted", message="the sending node restarted; the receiver may resume"
+        )
+    store.db.execute(
+        "UPDATE transfers SET state = 'interrupted' WHERE state IN ('paired', 'receiving')"
+    )
     engine.audit("node-started", name=cfg.name, fingerprint=identity.fingerprint)
     # LAN discovery (started by start() once the port is bound) and the relay registrar
     app[discovery_key] = Discovery(cfg.name, identity.fingerprint, cfg.host)
@@ -108,6 +116,15 @@ async def _sweep_expired(app: web.Application) -> None:
     while True:
         await asyncio.sleep(EXPIRY_SWEEP_S)
         service.kick_notifications(app, only_due=True)
+        for offer_id in store.expire_resumes(engine.now()):
+            engine.audit("transfer-failed", "resume-expired", offer=offer_id)
+            job = jobs.get(offer_id)
+            if job is not None and not job.done:
+                job.finish(
+                    "error",
+                    code="resume-expired",
+                    message="the interrupted transfer was not resumed in time",
+                )
         for offer_id in store.expire_offers(engine.now()):
             store.consents.end_link(offer_id)
             engine.audit("offer-expired", offer=offer_id)
@@ -317,6 +334,17 @@ async def delete_offer(request: web.Request) -> web.Response:
             content_type="application/json",
         )
     return web.json_response({"cancelled": True})
+
+
+@routes.post("/api/v1/receive/resume")
+async def post_resume(request: web.Request) -> web.Response:
+    """Reconnect an interrupted receive (``{"job": id}``), e.g. after this node restarted."""
+    body = await _json(request)
+    job_id = body.get("job")
+    if not isinstance(job_id, str) or not job_id:
+        raise ConfigError("give the interrupted transfer's job id as 'job'")
+    job = await service.resume_receive(request.app, job_id)
+    return web.json_response({"job": job.id}, status=202)
 
 
 @routes.post("/api/v1/receive")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
+import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,13 @@ from p2pshare.config import MAX_EXPIRY_S
 from p2pshare.dicom.header import parse_header
 from p2pshare.dicom.ingest import StudyScan, scan
 from p2pshare.discovery import discovery_key
-from p2pshare.errors import ConfigError, P2PShareError
+from p2pshare.errors import ConfigError, ConnectionLost, P2PShareError
 from p2pshare.jobs import Job
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key
-from p2pshare.store import CANCELLED, SENDING
+from p2pshare.store import CANCELLED, INTERRUPTED, SENDING, Store
 from p2pshare.transfer import paths
+from p2pshare.transfer.channel import connect
+from p2pshare.transfer.receiving import Resume
 from p2pshare.transfer.relay_client import registrar_key
 
 log = logging.getLogger(__name__)
@@ -281,7 +286,7 @@ def kick_notifications(app: web.Application, only_due: bool = False) -> None:
 def cancel_offer(app: web.Application, offer_id: str, actor: str = "api-token") -> bool:
     store, engine, jobs = app[store_key], app[engine_key], app[jobs_key]
     offer = store.get_offer(offer_id)
-    if offer is None or offer.state not in ("active", "paired", SENDING):
+    if offer is None or offer.state not in ("active", "paired", SENDING, INTERRUPTED):
         return False
     store.set_offer_state(offer_id, CANCELLED)
     store.consents.end_link(offer_id)
@@ -293,6 +298,134 @@ def cancel_offer(app: web.Application, offer_id: str, actor: str = "api-token") 
     if job is not None and not job.done:
         job.finish("error", code="cancelled", message="the offer was cancelled on this node")
     return True
+
+
+def load_resume(store: Store, job_id: str, now: int) -> Resume | None:
+    """What is needed to reconnect an interrupted receive, while its ticket is valid."""
+    t = store.get_transfer(job_id)
+    ticket = store.resume_secret("transfers", job_id, now)
+    manifest = store.get_transfer_manifest(job_id)
+    if t is None or ticket is None or t["state"] == "complete":
+        return None
+    address = t.get("sender_address") or ""
+    if not (t.get("offer_id") and t.get("peer_fingerprint") and codes.is_address(address)):
+        return None  # e.g. a transfer that went through a relay: no direct way back
+    return Resume(
+        ticket=ticket[0],
+        secret=ticket[1],
+        offer_id=t["offer_id"],
+        sender_fingerprint=t["peer_fingerprint"],
+        # cut before the manifest arrived: any manifest the same sender signs will do
+        manifest_digest=hashlib.sha256(manifest.to_bytes()).hexdigest() if manifest else "",
+        address=address,
+    )
+
+
+async def _reconnect(
+    app: web.Application,
+    job: Job,
+    out: Path,
+    http: aiohttp.ClientSession,
+    lost: ConnectionLost,
+) -> dict[str, Any]:
+    """The connection was cut mid-transfer: reconnect with backoff and carry on from what is
+    held, under a fresh connection key. Raises the last ConnectionLost if every try fails."""
+    cfg, store, engine = app[config_key], app[store_key], app[engine_key]
+    exc: P2PShareError = lost
+    for attempt in range(1, cfg.reconnect_attempts + 1):
+        resume = load_resume(store, job.id, engine.now())
+        if resume is None:
+            raise exc
+        delay = min(30.0, cfg.reconnect_delay_s * 2 ** (attempt - 1))
+        job.emit("reconnecting", attempt=attempt, delay_s=delay, reason=exc.message)
+        store.update_transfer(job.id, state="interrupted")
+        await asyncio.sleep(delay)
+        try:
+            channel = await connect(resume.address, http)
+            bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
+            return await engine.receive(bounded, resume, out, job)
+        except ConnectionLost as again:
+            exc = again
+    raise exc
+
+
+async def resume_receive(app: web.Application, job_id: str) -> Job:
+    """`receive --resume JOB`: reconnect an interrupted receive (e.g. after a restart)."""
+    store, engine, jobs = app[store_key], app[engine_key], app[jobs_key]
+    running = jobs.get(job_id)
+    if running is not None and not running.done:
+        raise ConfigError("that transfer is still running on this node")
+    resume = load_resume(store, job_id, engine.now())
+    t = store.get_transfer(job_id)
+    if resume is None or t is None:
+        raise ConfigError(
+            "that transfer cannot be resumed here (unknown, complete, or its resume ticket "
+            "expired): ask the sender to offer the study again"
+        )
+    job = jobs.create("receive", job_id)
+    job.emit("connecting", addresses=[resume.address], resume=True)
+    task = asyncio.create_task(_resume(app, job, resume, Path(t["out_dir"])))
+    app[receive_tasks_key].add(task)
+    task.add_done_callback(app[receive_tasks_key].discard)
+    job.task = task
+    return job
+
+
+async def _resume(app: web.Application, job: Job, resume: Resume, out: Path) -> None:
+    cfg, engine = app[config_key], app[engine_key]
+    try:
+        async with aiohttp.ClientSession() as http:
+            try:
+                channel = await connect(resume.address, http)
+                bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
+                receipt = await engine.receive(bounded, resume, out, job)
+            except ConnectionLost as exc:
+                receipt = await _reconnect(app, job, out, http, exc)
+        _finish_receive(app, job, receipt, out, "direct")
+    except P2PShareError as exc:
+        _receive_failed(app, job, exc)
+    except asyncio.CancelledError:
+        job.finish("error", code="cancelled", message="the transfer was cancelled on this node")
+        raise
+
+
+def _finish_receive(
+    app: web.Application, job: Job, receipt: dict[str, Any], out: Path, path: str
+) -> None:
+    app[store_key].update_transfer(job.id, path=path)
+    job.finish(
+        "complete",
+        receipt=receipt,
+        out_dir=str(out),
+        instances=receipt["instances"],
+        bytes=receipt["bytes"],
+        path=path,
+    )
+
+
+def _receive_failed(app: web.Application, job: Job, exc: P2PShareError) -> None:
+    store, engine = app[store_key], app[engine_key]
+    t = store.get_transfer(job.id)
+    resume = load_resume(store, job.id, engine.now()) if isinstance(exc, ConnectionLost) else None
+    staging = Path(t["staging"]) if t and t.get("staging") else None
+    if resume is not None and staging is not None and staging.is_dir():
+        expires = store.db.execute(
+            "SELECT resume_expires FROM transfers WHERE id = ?", (job.id,)
+        ).fetchone()[0]
+        until = time.strftime("%Y-%m-%d %H:%M", time.localtime(expires))
+        message = (
+            f"{exc.message}. What arrived is kept: when the sending node is reachable again, "
+            f"run `p2pshare receive --resume {job.id}` (possible until {until})"
+        )
+        store.update_transfer(job.id, state="interrupted", error=exc.message)
+        engine.audit("transfer-interrupted", exc.code, job=job.id)
+        job.finish("error", code="interrupted", message=message, resumable=True)
+        return
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)  # never leave partial patient data behind
+    store.update_transfer(job.id, state="failed", error=exc.message, finished=engine.now())
+    engine.audit("transfer-failed", exc.code, job=job.id)
+    job.finish("error", code=exc.code, message=exc.message)
 
 
 def start_receive(app: web.Application, code_text: str, out_dir: str, addresses: list[str]) -> Job:
@@ -336,20 +469,15 @@ async def _receive(
                     "where the sender is: add --from HOST:PORT (the sender's node address)"
                 )
         async with aiohttp.ClientSession() as http:
-            receipt, route = await paths.receive_first(engine, targets, code, out, job, http)
-        store.update_transfer(job.id, path=route.kind)
-        job.finish(
-            "complete",
-            receipt=receipt,
-            out_dir=str(out),
-            instances=receipt["instances"],
-            bytes=receipt["bytes"],
-            path=route.kind,
-        )
+            try:
+                receipt, route = await paths.receive_first(engine, targets, code, out, job, http)
+                path = route.kind
+            except ConnectionLost as exc:
+                receipt = await _reconnect(app, job, out, http, exc)
+                path = "direct"
+        _finish_receive(app, job, receipt, out, path)
     except P2PShareError as exc:
-        store.update_transfer(job.id, state="failed", error=exc.message, finished=engine.now())
-        engine.audit("transfer-failed", exc.code, job=job.id)
-        job.finish("error", code=exc.code, message=exc.message)
+        _receive_failed(app, job, exc)
     except asyncio.CancelledError:
         store.update_transfer(job.id, state="cancelled", finished=engine.now())
         job.finish("error", code="cancelled", message="the transfer was cancelled on this node")

@@ -19,6 +19,8 @@ class OfferRequest(Event):
 
     offer_ref: str  # the 32-hex offer id (QR form) or the offer number (spoken form), as text
     spoken: bool
+    #: a reconnection: ``offer_ref`` is a resume ticket id, the password its secret
+    resume: bool = False
 
 
 @dataclass(frozen=True)

@@ -65,11 +65,16 @@ class ReceiverSession(Session):
         spoken: bool,
         password: bytes,
         entropy: crypto.Entropy = os.urandom,
+        resume_offer: str = "",
     ) -> None:
+        """``resume_offer``: reconnecting to this offer (``offer_ref`` is then the resume
+        ticket id and ``password`` its secret)."""
         super().__init__(name=name, public_key=public_key, sign=sign, entropy=entropy)
         self.state = ReceiverState.START
         self._offer_ref = offer_ref
         self._spoken = spoken
+        self._resume_offer = resume_offer
+        self._prefix: dict[int, Any] = {}
         self._pake = crypto.Pake(password, sender=False, entropy=entropy)
         self.offer_id = ""
         self.manifest_digest = ""
@@ -99,7 +104,9 @@ class ReceiverSession(Session):
                 {
                     "v": PROTOCOL_VERSION,
                     "offer": self._offer_ref,
-                    "kind": "spoken" if self._spoken else "qr",
+                    "kind": "resume"
+                    if self._resume_offer
+                    else ("spoken" if self._spoken else "qr"),
                     "pake": b64(self._pake.message),
                 },
             )
@@ -125,17 +132,28 @@ class ReceiverSession(Session):
         self.state = ReceiverState.AWAIT_MANIFEST
         self._events.append(ev.Paired(self.transfer_id, self.session_key))
 
-    def accept(self, have: dict[int, int] | None = None) -> None:
-        """Accept the manifest. ``have``: file index → chunks already held (whole files only)."""
+    def accept(
+        self, have: dict[int, int] | None = None, prefix_hashes: dict[int, Any] | None = None
+    ) -> None:
+        """Accept the manifest.
+
+        ``have``: file index → chunks already held (resuming). A whole file counts as verified;
+        for a partial one, ``prefix_hashes[fi]`` is a SHA-256 object over the chunks held, so the
+        file is still verified whole when its last chunk arrives.
+        """
         require(self.state is ReceiverState.AWAIT_DECISION, f"accept in state {self.state}")
         assert self.manifest is not None
-        have = dict(have or {})
+        have = {fi: n for fi, n in (have or {}).items() if n}
+        prefix = dict(prefix_hashes or {})
         count = len(self.manifest.instances)
         for fi, n in have.items():
             require(0 <= fi < count, f"file #{fi} is not in the manifest")
-            require(n == self.manifest.chunk_count(fi), "only whole files can be skipped")
+            require(0 < n <= self.manifest.chunk_count(fi), f"file #{fi} has no chunk {n}")
+            if n < self.manifest.chunk_count(fi):
+                require(fi in prefix, f"a partial file #{fi} needs the hash of what is held")
         # Validate everything before touching any state: a refused call changes nothing.
-        self.verified.update(have)
+        self.verified.update(fi for fi, n in have.items() if n == self.manifest.chunk_count(fi))
+        self._prefix = {fi: prefix[fi] for fi, n in have.items() if fi in prefix}
         self._have = have
         self._plan = deque(transfer_plan(self.manifest, have))
         self._seal(Inner.ACCEPT, dump_json({"have": {str(k): v for k, v in have.items()}}))
@@ -174,7 +192,8 @@ class ReceiverSession(Session):
             offer_id = msg.get("offer_id")
             if not isinstance(offer_id, str) or not 0 < len(offer_id) <= 64:
                 raise RemoteProtocolError("the sender named no valid offer")
-            if not self._spoken and offer_id != self._offer_ref:
+            expected = self._resume_offer or (None if self._spoken else self._offer_ref)
+            if expected is not None and offer_id != expected:
                 raise RemoteProtocolError("the sender answered for another offer")
             msg_s = unb64(msg.get("pake"), "key-exchange message", 33)
             key = self._pake.finish(msg_s)
@@ -379,6 +398,8 @@ class ReceiverSession(Session):
         self._plan.popleft()
         if eci == 0:
             self._hash = hashlib.sha256()
+        elif self._hash is None:  # the first chunk of a file resumed part-way
+            self._hash = self._prefix.pop(efi)
         self._hash.update(data)
         self._events.append(ev.Chunk(efi, eci, eci * self.manifest.chunk_size, data, last))
         self._stored += 1

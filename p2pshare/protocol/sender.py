@@ -233,11 +233,17 @@ class SenderSession(Session):
                     "version",
                 )
             ref, kind = hello.get("offer"), hello.get("kind")
-            if not isinstance(ref, str) or not 0 < len(ref) <= 64 or kind not in ("qr", "spoken"):
+            if (
+                not isinstance(ref, str)
+                or not 0 < len(ref) <= 64
+                or kind not in ("qr", "spoken", "resume")
+            ):
                 raise RemoteProtocolError("the receiver named no valid offer")
             self._msg_r = unb64(hello.get("pake"), "key-exchange message", 33)
             self.state = SenderState.AWAIT_OFFER
-            self._events.append(ev.OfferRequest(offer_ref=ref, spoken=kind == "spoken"))
+            self._events.append(
+                ev.OfferRequest(offer_ref=ref, spoken=kind == "spoken", resume=kind == "resume")
+            )
         elif ftype is FrameType.SEALED and st is SenderState.AWAIT_IDENT:
             try:
                 inner, payload = self._open(body)

@@ -56,6 +56,7 @@ from p2pshare.protocol.frames import (
     encode,
     encode_json,
     inner_type,
+    require,
 )
 
 PROTOCOL_VERSION = 1
@@ -281,6 +282,17 @@ class Session:
 
     def _confirm(self, who: str) -> bytes:
         return crypto.derive(self._k, f"p2ps confirm {who}", self._t)
+
+    def resume_ticket(self) -> tuple[str, bytes]:
+        """(ticket id, secret) to reconnect this transfer later; both sides derive the same.
+
+        Derived from this connection's session key, so only the two paired nodes know it; a
+        reconnection runs the whole handshake again with the secret as the PAKE password, so it
+        gets fresh connection keys and proves both identities again.
+        """
+        require(bool(self.session_key), "no session key before pairing")
+        ticket = crypto.derive(self.session_key, "p2ps resume id")[:16].hex()
+        return ticket, crypto.derive(self.session_key, "p2ps resume key")
 
     def _data_keys(self) -> tuple[bytes, bytes]:
         """(sender→receiver, receiver→sender) keys for this connection."""

@@ -19,7 +19,7 @@ from p2pshare.jobs import Job
 from p2pshare.protocol import events as ev
 from p2pshare.store import Store
 from p2pshare.transfer.channel import Channel
-from p2pshare.transfer.receiving import ReceiverRun
+from p2pshare.transfer.receiving import ReceiverRun, Resume
 from p2pshare.transfer.sending import SenderRun
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,11 @@ class Engine:
     # -- receiving side -------------------------------------------------------------------------
 
     async def receive(
-        self, channel: Channel, code: codes.SpokenCode | codes.QrOffer, out_dir: Path, job: Job
+        self,
+        channel: Channel,
+        code: codes.SpokenCode | codes.QrOffer | Resume,
+        out_dir: Path,
+        job: Job,
     ) -> dict[str, Any]:
         """Pair with the sender over ``channel`` and receive the study into ``out_dir``.
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,12 +41,24 @@ log = logging.getLogger(__name__)
 CLOSE_WAIT_S = 10.0
 
 
+@dataclass(frozen=True)
+class Resume:
+    """What the receiving node kept of an interrupted transfer, to reconnect with."""
+
+    ticket: str
+    secret: bytes
+    offer_id: str
+    sender_fingerprint: str
+    manifest_digest: str
+    address: str
+
+
 class ReceiverRun:
     def __init__(
         self,
         engine: Engine,
         channel: Channel,
-        code: codes.SpokenCode | codes.QrOffer,
+        code: codes.SpokenCode | codes.QrOffer | Resume,
         out_dir: Path,
         job: Job,
     ) -> None:
@@ -54,16 +67,25 @@ class ReceiverRun:
         self.ch = channel
         self.job = job
         self.out_dir = out_dir
-        spoken = isinstance(code, codes.SpokenCode)
+        self.resume = code if isinstance(code, Resume) else None
+        if isinstance(code, Resume):
+            ref, password, spoken = code.ticket, code.secret, False
+        elif isinstance(code, codes.SpokenCode):
+            ref, password, spoken = str(code.number), code.password, True
+        else:
+            ref, password, spoken = code.offer_id, code.password, False
         self.s = ReceiverSession(
             name=e.config.name,
             public_key=e.identity.public_key,
             sign=e.identity.sign,
-            offer_ref=str(code.number) if isinstance(code, codes.SpokenCode) else code.offer_id,
+            offer_ref=ref,
             spoken=spoken,
-            password=code.password,
+            password=password,
             entropy=e.entropy,
+            resume_offer=code.offer_id if isinstance(code, Resume) else "",
         )
+        #: keep the staged chunks when the connection is lost (the transfer can be resumed)
+        self.keep_staging = False
         self.staging: Staging | None = None
         self._bytes = 0
         self._last_progress = 0.0
@@ -72,7 +94,11 @@ class ReceiverRun:
         self.receipt: dict[str, Any] | None = None
         self._closed = False
         #: the sender fingerprint a QR code names; the node that answers must have it
-        self._expected_fp = code.fingerprint if isinstance(code, codes.QrOffer) else ""
+        self._expected_fp = (
+            code.fingerprint
+            if isinstance(code, codes.QrOffer)
+            else (code.sender_fingerprint if isinstance(code, Resume) else "")
+        )
 
     @property
     def manifest(self) -> Manifest:
@@ -82,6 +108,7 @@ class ReceiverRun:
     async def run(self) -> dict[str, Any]:
         self.s.start()
         await self._flush()
+        lost = True  # until something other than a lost connection ends the run
         try:
             while not self._closed:
                 if self.receipt is not None:
@@ -102,6 +129,7 @@ class ReceiverRun:
                 finally:
                     await self._flush()
         except RemoteProtocolError as exc:
+            lost = False
             raise self._as_transfer_error(exc) from exc
         except ConnectionLost:
             # After the receipt the study is complete whatever the connection does. Before it,
@@ -109,20 +137,71 @@ class ReceiverRun:
             # owes the person how much arrived and what to do (below).
             if self.receipt is None and self.s.manifest is None:
                 raise
+        except BaseException:
+            lost = False
+            raise
         finally:
             if self.staging is not None:
-                # Nothing is resumed yet, so partial patient data is never left behind.
-                await self.staging.close(remove_staging=True)
+                # A lost connection keeps what arrived for a resume (private staging folder);
+                # every other ending removes partial patient data.
+                self.keep_staging = lost and self.receipt is None and self._resumable()
+                await self.staging.close(remove_staging=not self.keep_staging)
         if self.receipt is None:
             total = len(self.manifest.instances) if self.s.manifest else 0
             if total:
                 done = self.staging.placed if self.staging else 0
+                then = "" if self.keep_staging else ". Ask the sender to offer the study again"
                 raise ConnectionLost(
                     f"the connection was lost after {done} of {total} instances; nothing "
-                    f"partial was marked complete. Ask the sender to offer the study again"
+                    f"partial was marked complete{then}"
                 )
             raise ConnectionLost("the sender closed the connection before pairing finished")
         return self.receipt
+
+    def _staging_dir(self) -> Path:
+        """Stable per receive job, so a resumed connection finds what the last one staged."""
+        return self.out_dir / ".p2pshare-partial" / self.job.id
+
+    async def _resume_manifest(self, event: ev.ManifestOffer) -> None:
+        """Reconnected: the same signed manifest, then accept from what is already held."""
+        assert self.resume is not None
+        if not self.resume.manifest_digest:  # the last connection ended before the manifest
+            self._check_room(event.manifest)
+            self.e.store.update_transfer(self.job.id, manifest=event.manifest.to_bytes())
+        elif event.digest != self.resume.manifest_digest:
+            self.s.refuse("resume-refused", "this is not the manifest of the interrupted transfer")
+            await self._flush()
+            raise IntegrityError(
+                "on reconnecting, the sender offered a different study than the interrupted "
+                "transfer; nothing was added"
+            )
+        self.staging = Staging(
+            self.out_dir, self._staging_dir(), event.manifest, self._on_placed
+        )
+        have, prefix, placed = await asyncio.to_thread(self.staging.resume_state)
+        self.staging.placed = placed
+        held = sum(
+            event.manifest.chunk_length(fi, ci) for fi, n in have.items() for ci in range(n)
+        )
+        self._bytes = held
+        self.e.store.update_transfer(self.job.id, state="receiving")
+        self.job.emit(
+            "resuming",
+            files_verified=placed,
+            files_total=len(event.manifest.instances),
+            bytes_held=held,
+            bytes_total=event.manifest.total_bytes,
+        )
+        log.info(
+            "transfer %s resumed: %d instances in place, %d bytes held",
+            self.s.transfer_id.hex()[:8],
+            placed,
+            held,
+        )
+        self.s.accept(have, prefix)
+
+    def _resumable(self) -> bool:
+        return self.e.store.resume_secret("transfers", self.job.id, self.e.now()) is not None
 
     async def _flush(self) -> None:
         out = self.s.data_to_send()
@@ -195,6 +274,21 @@ class ReceiverRun:
                 peer_fingerprint=crypto.fingerprint(self.s.peer_key),
                 transfer_id=event.transfer_id.hex(),
             )
+            ticket, secret = self.s.resume_ticket()
+            e.store.set_resume(
+                "transfers",
+                self.job.id,
+                ticket,
+                secret,
+                e.now() + e.config.resume_ttl_s,
+                offer_id=self.s.offer_id,
+                sender_address=self.ch.peer_address,
+                staging=str(self._staging_dir()),
+            )
+            if self.resume is not None:
+                e.audit("transfer-resumed", "ok", transfer=event.transfer_id.hex(),
+                        job=self.job.id, peer=crypto.fingerprint(self.s.peer_key))  # fmt: skip
+                self.job.emit("resumed", address=self.ch.peer_address)
             e.audit(
                 "pairing",
                 "ok",
@@ -203,12 +297,12 @@ class ReceiverRun:
                 address=self.ch.peer_address,
             )
         elif isinstance(event, ev.ManifestOffer):
+            if self.resume is not None:
+                await self._resume_manifest(event)
+                return
             self._check_room(event.manifest)
             self.staging = Staging(
-                self.out_dir,
-                self.out_dir / ".p2pshare-partial" / self.s.transfer_id.hex(),
-                event.manifest,
-                self._on_placed,
+                self.out_dir, self._staging_dir(), event.manifest, self._on_placed
             )
             e.store.update_transfer(
                 self.job.id, state="receiving", manifest=event.manifest.to_bytes()

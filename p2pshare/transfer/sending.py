@@ -31,6 +31,7 @@ from p2pshare.store import (
     DECLINED,
     EXPIRED,
     FAILED,
+    INTERRUPTED,
     SENDING,
     Offer,
 )
@@ -77,6 +78,9 @@ class SenderRun:
         #: a read started while waiting for consent, handed on to the next _recv
         self._pending_recv: asyncio.Future[bytes | None] | None = None
         self._pending_status_sent = False
+        #: this connection resumes an interrupted transfer (with the paired node's ticket)
+        self._resume = False
+        self._resume_peer = ""
 
     async def run(self) -> None:
         try:
@@ -170,6 +174,12 @@ class SenderRun:
         e = self.e
         if isinstance(event, ev.OfferRequest):
             self._on_offer_request(event)
+        elif isinstance(event, ev.CodeMismatch) and self._resume:
+            # A wrong resume secret is no guess at a human code: nothing to count or burn.
+            e.audit("pairing-attempt", "resume-refused", offer=self.offer_id,
+                    address=self.ch.peer_address)  # fmt: skip
+            self.s.refuse("resume-refused", "this transfer cannot be resumed from this node")
+            self._done = True
         elif isinstance(event, ev.CodeMismatch):
             left = e.store.record_failed_attempt(self.offer_id)
             if left is None:  # claimed by another receiver meanwhile: not this one's to burn
@@ -197,6 +207,12 @@ class SenderRun:
             self.s.refuse("code-rejected", CodeRejected(left).message, tries_left=left)
             self._done = True
         elif isinstance(event, ev.PeerIdentity):
+            if self._resume and event.fingerprint != self._resume_peer:
+                e.audit("pairing-attempt", "resume-wrong-node", offer=self.offer_id,
+                        address=self.ch.peer_address, peer=event.fingerprint)  # fmt: skip
+                self.s.refuse("resume-refused", "another node started this transfer")
+                self._done = True
+                return
             try:
                 e.pin_peer(event, self.ch.peer_address, offer=self.offer_id)
             except PeerKeyChanged as exc:
@@ -211,7 +227,12 @@ class SenderRun:
                 return
             self.s.trust_peer()
         elif isinstance(event, ev.Paired):
-            if not e.store.claim_offer(self.offer_id, e.now()):
+            claimed = (
+                e.store.claim_resume(self.offer_id)
+                if self._resume
+                else e.store.claim_offer(self.offer_id, e.now())
+            )
+            if not claimed:
                 state = _unavailable(e.store.get_offer(self.offer_id))
                 self.s.refuse(f"offer-{state}", OfferUnavailable(state).message)
                 self._done = True
@@ -223,6 +244,11 @@ class SenderRun:
             # Only the connection that claimed the offer may be stopped by cancelling it; a
             # hostile connection naming the same offer never replaces it here.
             task = asyncio.current_task()
+            old = e.running.get(self.offer_id)
+            if old is not None and old is not task and not old.done():
+                # The receiver came back with the ticket: the old connection is a dead one
+                # that has not noticed yet.
+                old.cancel()
             if task is not None:
                 e.running[self.offer_id] = task
             self._consent_signal = e.consent_signal(self.offer_id)
@@ -235,13 +261,19 @@ class SenderRun:
                 peer_fingerprint=crypto.fingerprint(self.s.peer_key),
                 transfer_id=event.transfer_id.hex(),
             )
+            ticket, secret = self.s.resume_ticket()
+            e.store.set_resume(
+                "offers", self.offer_id, ticket, secret, e.now() + e.config.resume_ttl_s
+            )
             e.audit(
-                "pairing-attempt",
+                "transfer-resumed" if self._resume else "pairing-attempt",
                 "ok",
                 offer=self.offer_id,
                 address=self.ch.peer_address,
                 peer=crypto.fingerprint(self.s.peer_key),
             )
+            if self._resume:
+                self._emit("resumed", address=self.ch.peer_address)
             self._emit(
                 "paired", peer=self.s.peer_name, fingerprint=crypto.fingerprint(self.s.peer_key)
             )
@@ -285,6 +317,9 @@ class SenderRun:
 
     def _on_offer_request(self, event: ev.OfferRequest) -> None:
         e = self.e
+        if event.resume:
+            self._on_resume_request(event)
+            return
         offer = e.store.find_offer(event.offer_ref, event.spoken)
         if offer is not None and offer.state == "active" and offer.expires <= e.now():
             e.store.set_offer_state(offer.id, EXPIRED)
@@ -417,6 +452,28 @@ class SenderRun:
         self._finish("error", code=code, message=message)
         self._done = True
 
+    def _on_resume_request(self, event: ev.OfferRequest) -> None:
+        """The receiver reconnects with a resume ticket: the same handshake, its secret as the
+        password; only the node that paired before can complete it."""
+        e = self.e
+        offer = e.store.find_resumable_offer(event.offer_ref, e.now())
+        ticket = e.store.resume_secret("offers", offer.id, e.now()) if offer else None
+        if offer is None or ticket is None or not offer.peer_fingerprint:
+            e.audit("pairing-attempt", "resume-unknown", address=self.ch.peer_address)
+            self.s.refuse(
+                "resume-unknown",
+                "this transfer can no longer be resumed (it ended or its ticket expired): ask "
+                "the sender to offer the study again",
+            )
+            self._done = True
+            return
+        self._resume = True
+        self._resume_peer = offer.peer_fingerprint
+        self.offer_id = offer.id
+        self.job = e.offer_job(offer.id)
+        self._emit("pairing", address=self.ch.peer_address, resume=True)
+        self.s.use_offer(offer.id, ticket[1])
+
     def _send_one_chunk(self) -> None:
         nxt = self.s.next_chunk()
         assert nxt is not None
@@ -469,11 +526,23 @@ class SenderRun:
             log.info("sender connection from %s ended: %s", self.ch.peer_address, exc.code)
         if not self._claimed:
             return  # another connection naming this offer must not touch its state or job
-        offer = self.e.store.get_offer(self.offer_id)
-        if offer is not None and offer.state in ("paired", SENDING):
-            self.e.store.set_offer_state(self.offer_id, FAILED, error=exc.message)
-            self.e.audit("transfer-failed", exc.code, offer=self.offer_id)
-            self._finish("error", code=exc.code, message=exc.message)
+        e = self.e
+        offer = e.store.get_offer(self.offer_id)
+        if offer is None or offer.state not in ("paired", SENDING):
+            return
+        if isinstance(exc, ConnectionLost) and e.store.resume_secret(
+            "offers", self.offer_id, e.now()
+        ):
+            # A cut, not a refusal: the receiver may come back with its ticket and the
+            # transfer goes on from what it holds.
+            e.store.set_offer_state(self.offer_id, INTERRUPTED, error=exc.message)
+            e.audit("transfer-interrupted", "ok", offer=self.offer_id, reason=exc.code,
+                    peer=offer.peer_fingerprint)  # fmt: skip
+            self._emit("interrupted", message=exc.message)
+            return
+        e.store.set_offer_state(self.offer_id, FAILED, error=exc.message)
+        e.audit("transfer-failed", exc.code, offer=self.offer_id, peer=offer.peer_fingerprint)
+        self._finish("error", code=exc.code, message=exc.message)
 
 
 def _unavailable(offer: Offer | None) -> str:

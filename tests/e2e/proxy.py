@@ -182,9 +182,13 @@ class WsParser:
 class MitmProxy:
     """Listens on 127.0.0.1:0 and forwards every connection to ``127.0.0.1:upstream_port``."""
 
-    def __init__(self, upstream_port: int, attack: Attack | None = None) -> None:
+    def __init__(
+        self, upstream_port: int, attack: Attack | None = None, *, cut_once: bool = False
+    ) -> None:
         self.upstream_port = upstream_port
         self.attack = attack
+        #: after a CUT, let the next connection (a reconnection) through untouched
+        self.cut_once = cut_once
         self.port = 0
         #: raw bytes forwarded, per direction (HTTP upgrade included)
         self.bytes_s2r = 0
@@ -256,6 +260,8 @@ class MitmProxy:
     # -- per connection ---------------------------------------------------------------------
 
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        if self.cut_once and self._cut:
+            self._cut, self.attack = False, None
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -481,3 +487,55 @@ class MitmProxy:
             if w is not writer:
                 with contextlib.suppress(Exception):
                     w.transport.abort()
+
+
+class HoldProxy:
+    """Forwards a TCP connection both ways; holds the sender→receiver direction once
+    ``hold_after`` bytes went through, until :meth:`release` (to revoke mid-stream)."""
+
+    def __init__(self, upstream_port: int, hold_after: int) -> None:
+        self.upstream_port = upstream_port
+        self.hold_after = hold_after
+        self.s2r = 0
+        self.held = asyncio.Event()
+        self._release = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def release(self) -> None:
+        self._release.set()
+
+    async def close(self) -> None:
+        self._release.set()
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+
+    async def _handle(self, c_r: asyncio.StreamReader, c_w: asyncio.StreamWriter) -> None:
+        u_r, u_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, s2r: bool) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+                    if s2r:
+                        self.s2r += len(data)
+                        if self.s2r >= self.hold_after and not self._release.is_set():
+                            self.held.set()
+                            await self._release.wait()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    w.close()
+
+        for coro in (pump(c_r, u_w, False), pump(u_r, c_w, True)):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)

@@ -8,7 +8,6 @@ mid-transfer → the stream stops and the receiving node reports it. Screenshots
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from p2pshare.client import NodeClient
 from p2pshare.demo import NodeProc, approve_as_patient, spawn_node, stop_node, tree_hashes
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
+from tests.e2e.proxy import HoldProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -67,58 +67,6 @@ async def nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
             await stop_node(receiver)
     finally:
         await stop_node(sender)
-
-
-class HoldProxy:
-    """Forwards a TCP connection both ways; holds the sender→receiver direction once
-    ``hold_after`` bytes went through, until :meth:`release` (to revoke mid-stream)."""
-
-    def __init__(self, upstream_port: int, hold_after: int) -> None:
-        self.upstream_port = upstream_port
-        self.hold_after = hold_after
-        self.s2r = 0
-        self.held = asyncio.Event()
-        self._release = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    def release(self) -> None:
-        self._release.set()
-
-    async def close(self) -> None:
-        self._release.set()
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-
-    async def _handle(self, c_r: asyncio.StreamReader, c_w: asyncio.StreamWriter) -> None:
-        u_r, u_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-
-        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, s2r: bool) -> None:
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-                    if s2r:
-                        self.s2r += len(data)
-                        if self.s2r >= self.hold_after and not self._release.is_set():
-                            self.held.set()
-                            await self._release.wait()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    w.close()
-
-        for coro in (pump(c_r, u_w, False), pump(u_r, c_w, True)):
-            task = asyncio.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
 
 async def follow(api: NodeClient, job: str, sink: list[dict[str, Any]]) -> None:

@@ -255,8 +255,10 @@ def test_have_everything_sends_no_chunk_but_still_a_receipt():
     assert "SenderDone" in kinds(out.receiver_events)
 
 
-@pytest.mark.parametrize("have", [{1: 1}, {0: 0}, {5: 1}, {-1: 3}, {0: 3, 1: 1}, {0: 3, 7: 1}])
-def test_accept_refuses_partial_or_unknown_files_and_changes_nothing(have):
+@pytest.mark.parametrize("have", [{1: 1}, {1: 4}, {5: 1}, {-1: 3}, {0: 3, 1: 1}, {0: 3, 7: 1}])
+def test_accept_refuses_partial_files_without_their_hash_or_unknown_files_and_changes_nothing(
+    have,
+):
     sender, receiver, _, _ = make_pair()
 
     def hold(r, e):
@@ -269,6 +271,32 @@ def test_accept_refuses_partial_or_unknown_files_and_changes_nothing(have):
     assert receiver.state is ReceiverState.AWAIT_DECISION
     assert receiver.verified == set()
     assert receiver.data_to_send() == b""
+
+
+def _resume_with(have, prefix):
+    sender, receiver, _, _ = make_pair()
+
+    def on_offer(r, e):
+        if isinstance(e, ev.ManifestOffer):
+            r.accept(have, prefix)
+            return True
+        return False
+
+    return run(sender, receiver, FILES, MANIFEST, on_receiver_event=on_offer), receiver
+
+
+def test_a_partial_file_resumes_at_its_next_chunk_and_is_still_verified_whole():
+    have = {0: 3, 1: 1}
+    out, receiver = _resume_with(have, {1: hashlib.sha256(FILES[1][:4096])})
+    assert out.receipt is not None
+    assert len(chunk_frames(out.wire_s2r)) == 9 - 4  # only what was missing was sent
+    assert sorted(receiver.verified) == [0, 1, 2]
+    assert out.files[2] == FILES[2]
+
+
+def test_a_resumed_file_whose_held_part_differs_is_rejected():
+    out, receiver = _resume_with({1: 1}, {1: hashlib.sha256(b"not what was sent")})
+    assert 1 in out.rejected and out.receipt is None
 
 
 def test_transfer_plan_lists_remaining_chunks_in_stream_order():
