@@ -154,6 +154,7 @@ EVENTS: dict[str, EventKind] = {
     # transfers
     "transfer-started": EventKind(BEGIN_TRANSFERRING, "E"),
     "transfer-resumed": EventKind(BEGIN_TRANSFERRING, "E"),
+    "transfer-interrupted": EventKind(INSTANCES_TRANSFERRED, "R"),
     "transfer-completed": EventKind(INSTANCES_TRANSFERRED, "R"),
     "transfer-failed": EventKind(INSTANCES_TRANSFERRED, "R"),
     "transfer-stopped": EventKind(INSTANCES_TRANSFERRED, "R"),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from p2pshare.client import ApiError, NodeClient, connect_node, read_token
+from p2pshare.config import DEFAULT_MIN_FREE_BYTES as MIN_FREE
 from p2pshare.config import default_data_dir
 from p2pshare.errors import ConfigError
 
@@ -123,7 +124,7 @@ async def cmd_import(args: argparse.Namespace, out: Output) -> int:
     else:
         from p2pshare.library import Library
 
-        library = Library(Path(args.data_dir).expanduser())
+        library = Library(Path(args.data_dir).expanduser(), min_free_bytes=MIN_FREE)
         report = await asyncio.to_thread(library.import_path, path)
         attached = None
         if report_file:

@@ -12,6 +12,8 @@ from p2pshare.manifest import MAX_CHUNK, MIN_CHUNK
 
 DEFAULT_PORT = 8700
 DEFAULT_EXPIRY_S = 15 * 60
+#: keep at least this much disk free after writing a study (receiver, library, uploads)
+DEFAULT_MIN_FREE_BYTES = 512 * 1024**2
 MAX_EXPIRY_S = 24 * 3600
 
 
@@ -50,7 +52,7 @@ class NodeConfig:
     #: Refuse studies larger than this many bytes (a peer cannot fill the disk).
     max_study_bytes: int = 64 * 1024**3
     #: Keep at least this much disk free after a study is written.
-    min_free_bytes: int = 512 * 1024**2
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
 
     # -- resume (see docs/protocol.md "Resume") --
     #: how long an interrupted transfer can be resumed with its ticket

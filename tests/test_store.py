@@ -417,6 +417,11 @@ def test_transfers_round_trip_with_a_receipt_dict(store: Store) -> None:
         "finished": None,
         "consent": None,
         "path": None,
+        "resume_id": None,
+        "resume_expires": None,
+        "offer_id": None,
+        "sender_address": None,
+        "staging": None,
     }
     receipt = {"manifest_sha256": "cd" * 32, "instances": 2, "bytes": 2001}
     store.update_transfer("job1", state="receiving", manifest=manifest().to_bytes())
@@ -438,6 +443,11 @@ def test_transfers_round_trip_with_a_receipt_dict(store: Store) -> None:
         "finished": NOW + 30,
         "consent": None,
         "path": None,
+        "resume_id": None,
+        "resume_expires": None,
+        "offer_id": None,
+        "sender_address": None,
+        "staging": None,
     }
     assert "manifest" not in got  # bulky and holds patient data: never shown
 
@@ -495,3 +505,12 @@ def test_an_offer_forgets_its_code_once_it_can_no_longer_be_paired(store: Store,
     assert (got.spoken_code, got.qr_secret) == ("", b"")
     raw = store.db.execute("SELECT spoken_code, qr_secret FROM offers WHERE id='o1'").fetchone()
     assert (raw[0], bytes(raw[1])) == ("", b"")
+
+
+def test_a_resume_ticket_is_kept_but_never_shown(store: Store) -> None:
+    store.add_transfer("job1", NOW, "/srv/incoming")
+    store.set_resume("transfers", "job1", "ab" * 16, b"s" * 32, NOW + 60, offer_id="o1")
+    assert store.resume_secret("transfers", "job1", NOW) == ("ab" * 16, b"s" * 32)
+    assert store.resume_secret("transfers", "job1", NOW + 60) is None  # expired
+    shown = store.get_transfer("job1")
+    assert shown is not None and "resume_secret" not in shown and shown["offer_id"] == "o1"

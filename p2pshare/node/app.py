@@ -89,7 +89,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     engine.audit("node-started", name=cfg.name, fingerprint=identity.fingerprint)
     # LAN discovery (started by start() once the port is bound) and the relay registrar
-    app[discovery_key] = Discovery(cfg.name, identity.fingerprint, cfg.host)
+    app[discovery_key] = Discovery(
+        cfg.name,
+        identity.fingerprint,
+        cfg.host,
+        pinned=lambda: {p["fingerprint"] for p in store.list_peers()},
+    )
     if cfg.relay:
         app[registrar_key] = RelayRegistrar(
             engine, cfg.relay, wrap=lambda ch: BoundedChannel(ch, cfg.idle_timeout_s)

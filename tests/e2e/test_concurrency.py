@@ -107,10 +107,12 @@ async def test_ten_concurrent_transfers_and_a_stalled_peer(study: Path, tmp_path
             assert proxy.stalled.is_set() or await _wait(proxy.stalled, 30)
             for _ in range(600):
                 view = await offer_view(h, stalled["offer_id"])
-                if view["state"] == "failed":
+                if view["state"] in ("failed", "interrupted"):
                     break
                 await asyncio.sleep(0.1)
-            assert view["state"] == "failed", view
+            # timed out and its connection closed; the offer waits (interrupted) in case that
+            # receiver comes back with its resume ticket, holding no connection or buffer
+            assert view["state"] in ("failed", "interrupted"), view
             assert "stopped reading" in view["error"] or "sent nothing" in view["error"]
             stalled_job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
