@@ -80,7 +80,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     for offer_id, expires in store.live_offers():
         jobs.create("offer", offer_id).emit("waiting", expires=expires)
     # Transfers that were running when the node stopped can resume with their tickets.
-    for offer_id in store.interrupted_on_start(engine.now()):
+    interrupted = store.interrupted_on_start(engine.now())
+    for offer_id in interrupted:
         jobs.create("offer", offer_id).emit(
             "interrupted", message="the sending node restarted; the receiver may resume"
         )
@@ -101,6 +102,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         for offer_id, _expires in store.live_offers():
             app[registrar_key].register(offer_id)
+        engine.on_interrupted = app[registrar_key].register_resume
+        for offer_id in interrupted:
+            app[registrar_key].register_resume(offer_id)
     sweeper = asyncio.create_task(_sweep_expired(app))
     yield
     await app[discovery_key].close()

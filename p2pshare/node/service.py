@@ -24,8 +24,8 @@ from p2pshare.errors import ConfigError, ConnectionLost, P2PShareError
 from p2pshare.jobs import Job
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key
 from p2pshare.store import CANCELLED, INTERRUPTED, SENDING, Store
-from p2pshare.transfer import paths
-from p2pshare.transfer.channel import connect
+from p2pshare.transfer import paths, relay_client
+from p2pshare.transfer.channel import Channel, connect
 from p2pshare.transfer.receiving import Resume
 from p2pshare.transfer.relay_client import registrar_key
 
@@ -308,8 +308,9 @@ def load_resume(store: Store, job_id: str, now: int) -> Resume | None:
     if t is None or ticket is None or t["state"] == "complete":
         return None
     address = t.get("sender_address") or ""
-    if not (t.get("offer_id") and t.get("peer_fingerprint") and codes.is_address(address)):
-        return None  # e.g. a transfer that went through a relay: no direct way back
+    reachable = codes.is_address(address.removeprefix("relay:"))
+    if not (t.get("offer_id") and t.get("peer_fingerprint") and reachable):
+        return None
     return Resume(
         ticket=ticket[0],
         secret=ticket[1],
@@ -341,12 +342,34 @@ async def _reconnect(
         store.update_transfer(job.id, state="interrupted")
         await asyncio.sleep(delay)
         try:
-            channel = await connect(resume.address, http)
+            channel = await _open_resume(app, resume, http)
             bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
             return await engine.receive(bounded, resume, out, job)
         except ConnectionLost as again:
             exc = again
     raise exc
+
+
+async def _open_resume(
+    app: web.Application, resume: Resume, http: aiohttp.ClientSession
+) -> Channel:
+    """The way back to the sender: its address, or the relay the transfer went through (met
+    there with a channel token derived from the resume secret, never from the code)."""
+    if not resume.address.startswith("relay:"):
+        return await connect(resume.address, http)
+    relay = resume.address.removeprefix("relay:")
+    try:
+        async with asyncio.timeout(paths.CONNECT_TIMEOUT_S + paths.RELAY_WAIT_S):
+            return await relay_client.open_channel(
+                relay,
+                relay_client.resume_token(resume.ticket, resume.secret),
+                "receiver",
+                app[engine_key].identity,
+                http,
+                wait_s=paths.RELAY_WAIT_S,
+            )
+    except TimeoutError:
+        raise ConnectionLost(f"the sending node did not come to the relay at {relay}") from None
 
 
 async def resume_receive(app: web.Application, job_id: str) -> Job:
@@ -376,7 +399,7 @@ async def _resume(app: web.Application, job: Job, resume: Resume, out: Path) -> 
     try:
         async with aiohttp.ClientSession() as http:
             try:
-                channel = await connect(resume.address, http)
+                channel = await _open_resume(app, resume, http)
                 bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
                 receipt = await engine.receive(bounded, resume, out, job)
             except ConnectionLost as exc:

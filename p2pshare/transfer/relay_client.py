@@ -29,7 +29,7 @@ from aiohttp import web
 from p2pshare import crypto
 from p2pshare.errors import ConfigError, ConnectionLost
 from p2pshare.protocol.frames import MAX_FRAME
-from p2pshare.store import ACTIVE
+from p2pshare.store import ACTIVE, INTERRUPTED
 from p2pshare.transfer.channel import Channel, WsChannel
 from p2pshare.transfer.engine import Engine
 
@@ -56,6 +56,12 @@ def normalise(relay: str) -> str:
 def rendezvous_token(offer_id: str, qr_secret: bytes) -> str:
     """The channel token both nodes give the relay for one QR offer."""
     return crypto.derive(qr_secret, "p2ps relay rdv", offer_id.encode("ascii")).hex()
+
+
+def resume_token(ticket: str, secret: bytes) -> str:
+    """The channel token for reconnecting an interrupted transfer through the relay: derived
+    from the resume secret, itself derived from the session key (the relay learns neither)."""
+    return crypto.derive(secret, "p2ps relay rsm", ticket.encode("ascii")).hex()
 
 
 class RelayRefused(ConnectionLost):
@@ -167,6 +173,44 @@ class RelayRegistrar:
             task = asyncio.create_task(self._keep_registered(offer_id))
             self._offers[offer_id] = task
             task.add_done_callback(lambda _t: self._offers.pop(offer_id, None))
+
+    def register_resume(self, offer_id: str) -> None:
+        """Wait at the relay for the receiver of an interrupted transfer to come back."""
+        key = "resume:" + offer_id
+        if key not in self._offers:
+            task = asyncio.create_task(self._keep_registered_for_resume(offer_id))
+            self._offers[key] = task
+            task.add_done_callback(lambda _t: self._offers.pop(key, None))
+
+    def _resumable(self, offer_id: str) -> tuple[str, bytes] | None:
+        offer = self.engine.store.get_offer(offer_id)
+        if offer is None or offer.state != INTERRUPTED:
+            return None
+        return self.engine.store.resume_secret("offers", offer_id, self.engine.now())
+
+    async def _keep_registered_for_resume(self, offer_id: str) -> None:
+        backoff = 1.0
+        async with aiohttp.ClientSession() as http:
+            while (ticket := self._resumable(offer_id)) is not None:
+                try:
+                    channel = await open_channel(
+                        self.relay,
+                        resume_token(*ticket),
+                        "sender",
+                        self.engine.identity,
+                        http,
+                        keep_waiting=lambda: self._resumable(offer_id) is not None,
+                    )
+                except ConnectionLost as exc:
+                    if self._resumable(offer_id) is None:
+                        break
+                    log.info("offer %s: relay (resume): %s", offer_id[:8], exc.code)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                backoff = 1.0
+                log.info("offer %s: the receiver came back through the relay", offer_id[:8])
+                await self.engine.serve_sender(self.wrap(channel))
 
     def _live(self, offer_id: str) -> bool:
         offer = self.engine.store.get_offer(offer_id)

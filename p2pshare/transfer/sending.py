@@ -539,6 +539,8 @@ class SenderRun:
             e.audit("transfer-interrupted", "ok", offer=self.offer_id, reason=exc.code,
                     peer=offer.peer_fingerprint)  # fmt: skip
             self._emit("interrupted", message=exc.message)
+            if e.on_interrupted is not None:
+                e.on_interrupted(self.offer_id)
             return
         e.store.set_offer_state(self.offer_id, FAILED, error=exc.message)
         e.audit("transfer-failed", exc.code, offer=self.offer_id, peer=offer.peer_fingerprint)

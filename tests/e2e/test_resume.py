@@ -196,3 +196,53 @@ async def test_a_node_that_did_not_pair_cannot_resume_with_a_guessed_ticket(
         str(receiver.data_dir),
     )  # fmt: skip
     assert res.code == 2 and "cannot be resumed" in res.stderr, res.stdout + res.stderr
+
+
+async def test_a_cut_on_a_relayed_transfer_resumes_through_the_relay(
+    tmp_path: Path, resume_study: Path
+) -> None:
+    """The receiver reaches the sender only through the relay; its connection to the relay is
+    cut mid-stream. Both sides meet again at the relay with a channel token derived from the
+    resume secret (so from the session key, not the code) and the transfer resumes."""
+    from urllib.parse import quote
+
+    from p2pshare.relay import RelayConfig, start_relay
+
+    runner, _app = await start_relay(RelayConfig(port=0))
+    relay = f"127.0.0.1:{runner.addresses[0][1]}"
+    sender = await spawn_node(
+        "Referring Hospital ED",
+        tmp_path / "ref",
+        extra_args=[*FAST, "--relay", f"ws://{relay}", "--advertise", "127.0.0.1:1",
+                    "--no-discovery"],
+    )  # fmt: skip
+    receiver = await spawn_node(
+        "Trauma Centre Radiology", tmp_path / "tc", extra_args=[*FAST, "--no-discovery"]
+    )
+    out = tmp_path / "out"
+    try:
+        async with (
+            MitmProxy(
+                runner.addresses[0][1], Attack(CUT, cut_after=400_000), cut_once=True
+            ) as proxy,
+            aiohttp.ClientSession() as http,
+        ):
+            s_api = NodeClient(sender.url, sender.token, http)
+            r_api = NodeClient(receiver.url, receiver.token, http)
+            offer = await s_api.create_offer(str(resume_study), None, None, consent="none")
+            # the receiver is told the relay is where the proxy listens (only it gets cut)
+            uri = offer["uri"].replace(quote(f"relay:{relay}"), quote(f"relay:{proxy.address}"))
+            assert uri != offer["uri"]
+            job = await r_api.receive(uri, str(out), [])
+            events = await events_of(r_api, job, timeout=90)
+            assert [a.kind for a in proxy.applied] == [CUT]
+        kinds = [e["event"] for e in events]
+        assert kinds[-1] == "complete", events[-3:]
+        assert "reconnecting" in kinds and "resumed" in kinds
+        resumed = next(e for e in events if e["event"] == "resumed")
+        assert resumed["address"] == f"relay:{proxy.address}"
+        assert tree_hashes(out) == tree_hashes(resume_study)
+    finally:
+        await stop_node(receiver)
+        await stop_node(sender)
+        await runner.cleanup()
