@@ -121,17 +121,34 @@ def parse_role(text: str) -> Role:
         raise ConfigError("the role must be sender, receiver or admin") from None
 
 
+#: Argon2id cost: OWASP's recommended setting (19 MiB, 2 passes). The node also streams studies
+#: within a memory budget, and a sign-in must not cost more memory than a whole transfer; stored
+#: hashes carry their own parameters, so raising these later keeps old passwords valid.
+ARGON2_OPSLIMIT = 2
+ARGON2_MEMLIMIT = 19 * 1024 * 1024
+
+
 def hash_password(password: str) -> str:
-    return nacl.pwhash.argon2id.str(password.encode("utf-8")).decode("ascii")
+    return nacl.pwhash.argon2id.str(
+        password.encode("utf-8"), opslimit=ARGON2_OPSLIMIT, memlimit=ARGON2_MEMLIMIT
+    ).decode("ascii")
 
 
 def _session_hash(cookie: str) -> str:
     return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
 
 
-# Verified against when the name is unknown, so that an unknown name costs as much time as a
-# wrong password and the answer time does not tell which names exist.
-_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+_dummy_hash: str | None = None
+
+
+def _dummy() -> str:
+    """Verified against when the name is unknown, so that an unknown name costs as much time
+    as a wrong password and the answer time does not tell which names exist (made on first use,
+    not at import)."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = hash_password(secrets.token_urlsafe(16))
+    return _dummy_hash
 
 
 class Users:
@@ -227,7 +244,7 @@ class Users:
         try:
             return bool(
                 nacl.pwhash.verify(
-                    (stored or _DUMMY_HASH).encode("ascii"), password.encode("utf-8")
+                    (stored or _dummy()).encode("ascii"), password.encode("utf-8")
                 )
             ) and stored is not None
         except (nacl.exceptions.InvalidkeyError, nacl.exceptions.CryptoError):

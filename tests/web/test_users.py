@@ -109,3 +109,14 @@ def test_roles() -> None:
     admin, sender = User("a", Role.ADMIN, 0, 0), User("s", Role.SENDER, 0, 0)
     assert admin.may(Role.SENDER) and admin.may(Role.RECEIVER)
     assert sender.may(Role.SENDER) and not sender.may(Role.RECEIVER)
+
+
+def test_passwords_are_hashed_with_argon2id_at_owasp_cost_and_nothing_is_hashed_at_import() -> None:
+    import subprocess
+    import sys
+
+    from p2pshare.users import hash_password
+
+    probe = "import p2pshare.users as u, sys; sys.exit(0 if u._dummy_hash is None else 1)"
+    assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+    assert hash_password("correct horse battery").startswith("$argon2id$v=19$m=19456,t=2,")
