@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import dataclasses
 import hashlib
 import logging
@@ -178,8 +180,25 @@ async def create_offer(
         "study": manifest.summary(),
         "skipped": [{"name": s.name, "reason": s.reason} for s in report.skipped],
         "duplicates": report.duplicates,
-        "consent": {**consent_view(app, offer_id), "link": link},
+        "consent": {
+            **consent_view(app, offer_id),
+            "link": link,
+            # the same link as a QR code, for the patient's phone to scan from the staff screen
+            "qr": qr_data_uri(link) if link else None,
+        },
     }
+
+
+def qr_data_uri(text: str) -> str:
+    """An SVG QR code of ``text`` as a data: URI (for an <img>, never inserted as markup)."""
+    import qrcode
+    import qrcode.image.svg
+
+    buf = io.BytesIO()
+    qrcode.make(
+        text, image_factory=qrcode.image.svg.SvgPathFillImage, box_size=12, border=4
+    ).save(buf)
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def consent_view(app: web.Application, offer_id: str) -> dict[str, Any]:
