@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import dataclasses
 import hashlib
+import io
 import logging
 import shutil
 import socket
