@@ -410,7 +410,7 @@ async def forget_peer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not request.app[store_key].forget_peer(name):
         raise web.HTTPNotFound(text='{"error": "not-found"}', content_type="application/json")
-    request.app[engine_key].audit("peer-forgotten", name=name)
+    request.app[engine_key].audit("peer-forgotten", name=name, user=_actor(request)[0])
     return web.json_response({"forgotten": name})
 
 

@@ -265,8 +265,17 @@ async def import_studies(request: web.Request) -> web.Response:
         duplicates=report["duplicates"],
         skipped=len(report["skipped"]),
         dicomdir_missing=len(report["dicomdir"]["missing"]),
+        user=actor_name(request),
     )
     return web.json_response(report, status=201 if report["studies"] else 200)
+
+
+def actor_name(request: web.Request) -> str:
+    """Who asked, for the audit: the signed-in staff account, or the operator's API token."""
+    from p2pshare.node.web_routes import staff_key  # web_routes imports this module
+
+    session = request.get(staff_key)
+    return str(session.user.name) if session is not None else "api-token"
 
 
 @routes.post("/api/v1/studies/{study_id}/report")
@@ -301,7 +310,11 @@ async def attach_report(request: web.Request) -> web.Response:
     finally:
         Path(name).unlink(missing_ok=True)
     request.app[engine_key].audit(
-        "report-attached", study_id=study_id, sop=result["sop_instance_uid"], kind=result["kind"]
+        "report-attached",
+        study_id=study_id,
+        sop=result["sop_instance_uid"],
+        kind=result["kind"],
+        user=actor_name(request),
     )
     return web.json_response(result, status=201)
 
@@ -321,7 +334,7 @@ async def complete_study(request: web.Request) -> web.Response:
 async def delete_study(request: web.Request) -> web.Response:
     study_id = request.match_info["study_id"]
     await asyncio.to_thread(request.app[library_key].delete, study_id)
-    request.app[engine_key].audit("study-deleted", study_id=study_id)
+    request.app[engine_key].audit("study-deleted", study_id=study_id, user=actor_name(request))
     return web.json_response({"deleted": study_id})
 
 

@@ -452,7 +452,7 @@ async def test_get_offer_shows_it_active(node: Node, study_dir: Path) -> None:
         "receipt": None,
         "error": None,
         "consent": {
-            k: v for k, v in body["consent"].items() if k != "link"
+            k: v for k, v in body["consent"].items() if k not in ("link", "qr")
         },
     }
     res = await node.call("GET", f"/api/v1/offers/{body['offer_id']}")
@@ -756,7 +756,7 @@ async def test_peers_are_listed_and_forgotten(node: Node) -> None:
     assert (res.status, res.body) == (200, {"forgotten": name})
     assert (await node.call("GET", "/api/v1/peers")).body == []
     assert [r["detail"] for r in node.app[store_key].audit.records("peer-forgotten")] == [
-        {"name": name}
+        {"name": name, "user": "api-token"}
     ]
     res = await node.call("DELETE", url)
     assert (res.status, res.body) == (404, NOT_FOUND)
