@@ -77,6 +77,8 @@ def test_the_patient_approves_from_the_qr_on_the_send_page(
     recv.click("#receive-code")
     recv.wait_for_selector("#state.message.ok", timeout=60_000)
     assert recv.inner_text("#state").startswith("Received and verified")
+    # the receiving staff see who authorised it, from the signed consent record
+    assert recv.inner_text("#consent-line").startswith("Consent: authorised by the patient at ")
     send.wait_for_selector("#steps li[data-step=receipt].done")
     assert "approved" in send.inner_text("#consent-state").lower() or "patient" in (
         send.inner_text("#consent-state").lower()
