@@ -233,7 +233,9 @@ def camera_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+# Package scope: the sync Playwright driver runs an event loop of its own, so it must be closed
+# before any asyncio test of another package runs in the same pytest process, in any order.
+@pytest.fixture(scope="package")
 def browser(camera_file: Path) -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed")
