@@ -222,41 +222,8 @@ class Staging:
             self._close_sync()
 
     def resume_state(self) -> tuple[dict[int, int], dict[int, Any], int]:
-        """What an earlier connection left (run in a thread): chunks held per file, a SHA-256
-        over the held part of each partial file, and how many instances are already placed.
-
-        A placed instance is checked against the manifest's hash once more; a staged part counts only in whole
-        chunks (a torn last write is cut off), and a part that is complete but was never placed
-        keeps all but its last chunk, so that chunk comes again and the file is verified whole.
-        """
-        m = self.manifest
-        have: dict[int, int] = {}
-        prefix: dict[int, Any] = {}
-        placed = 0
-        for fi, inst in enumerate(m.instances):
-            final = self.out_dir / inst.relpath(m.study_instance_uid)
-            if final.is_file() and final.stat().st_size == inst.size and _sha256(final) == inst.sha256:
-                have[fi] = m.chunk_count(fi)
-                placed += 1
-                continue
-            part = self._part(fi)
-            try:
-                size = part.stat().st_size
-            except FileNotFoundError:
-                continue
-            n = min(size // m.chunk_size, m.chunk_count(fi) - 1)
-            if n <= 0:
-                part.unlink(missing_ok=True)
-                continue
-            held = n * m.chunk_size
-            h = hashlib.sha256()
-            with open(part, "r+b") as fh:
-                fh.truncate(held)
-                while block := fh.read(min(1 << 20, held - fh.tell())):
-                    h.update(block)
-            have[fi] = n
-            prefix[fi] = h
-        return have, prefix, placed
+        """See :func:`held_chunks` (run it in a thread)."""
+        return held_chunks(self.out_dir, self.dir, self.manifest)
 
     def _discard_sync(self, file_index: int) -> None:
         self._close_sync()
@@ -297,6 +264,13 @@ class Staging:
         return None
 
     def _sync_dirs(self) -> None:
+        # Every folder of the study, not only those this connection placed into: after a
+        # resume, files placed by an earlier connection are promised by this receipt too.
+        m = self.manifest
+        for inst in m.instances:
+            series = (self.out_dir / inst.relpath(m.study_instance_uid)).parent
+            if series not in self._dirs and series.is_dir():
+                self._dirs.update((series, series.parent))
         for d in sorted(self._dirs | {self.out_dir}):
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -316,3 +290,44 @@ class Staging:
         if ident.study_instance_uid != self.manifest.study_instance_uid:
             return "its DICOM header names another study than the manifest"
         return None
+
+
+def held_chunks(
+    out_dir: Path, staging_dir: Path, m: Manifest
+) -> tuple[dict[int, int], dict[int, Any], int]:
+    """What an earlier connection left (slow: run it in a thread, before reconnecting): chunks
+    held per file, a SHA-256 over the held part of each partial file, and how many instances
+    are already placed.
+
+    A placed instance is checked against the manifest's hash once more; a staged part counts
+    only in whole chunks (a torn last write is cut off), and a part that is complete but was
+    never placed keeps all but its last chunk, so that chunk comes again and the file is
+    verified whole.
+    """
+    have: dict[int, int] = {}
+    prefix: dict[int, Any] = {}
+    placed = 0
+    for fi, inst in enumerate(m.instances):
+        final = out_dir / inst.relpath(m.study_instance_uid)
+        if final.is_file() and final.stat().st_size == inst.size and _sha256(final) == inst.sha256:
+            have[fi] = m.chunk_count(fi)
+            placed += 1
+            continue
+        part = staging_dir / f"{fi}.part"
+        try:
+            size = part.stat().st_size
+        except FileNotFoundError:
+            continue
+        n = min(size // m.chunk_size, m.chunk_count(fi) - 1)
+        if n <= 0:
+            part.unlink(missing_ok=True)
+            continue
+        held = n * m.chunk_size
+        h = hashlib.sha256()
+        with open(part, "r+b") as fh:
+            fh.truncate(held)
+            while block := fh.read(1 << 20):
+                h.update(block)
+        have[fi] = n
+        prefix[fi] = h
+    return have, prefix, placed

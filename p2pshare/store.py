@@ -85,6 +85,9 @@ _RESUME_COLUMNS = (
     ("offers", "resume_id", "TEXT"),
     ("offers", "resume_secret", "BLOB"),
     ("offers", "resume_expires", "INTEGER"),
+    # the ticket before the last reconnection, until the receiver is known to hold the new one
+    ("offers", "resume_prev_id", "TEXT"),
+    ("offers", "resume_prev_secret", "BLOB"),
     ("transfers", "resume_id", "TEXT"),
     ("transfers", "resume_secret", "BLOB"),
     ("transfers", "resume_expires", "INTEGER"),
@@ -279,17 +282,59 @@ class Store:
         row = self.db.execute(
             f"SELECT resume_id, resume_secret, resume_expires FROM {table} WHERE id = ?", (key,)
         ).fetchone()
-        if row is None or not row["resume_id"] or (row["resume_expires"] or 0) <= now:
+        if (
+            row is None
+            or not row["resume_id"]
+            or row["resume_secret"] is None
+            or (row["resume_expires"] or 0) <= now
+        ):
             return None
         return row["resume_id"], bytes(row["resume_secret"])
 
-    def find_resumable_offer(self, ticket: str, now: int) -> Offer | None:
+    def roll_offer_ticket(self, offer_id: str, ticket: str, secret: bytes, expires: int) -> None:
+        """A new connection paired: its ticket becomes current, and the one before stays valid
+        until the receiver shows it holds the new one (it may not have it yet, if the new
+        connection is cut during the handshake)."""
+        with self.db:
+            self.db.execute(
+                "UPDATE offers SET resume_prev_id = resume_id, resume_prev_secret = "
+                "resume_secret WHERE id = ? AND resume_id IS NOT NULL AND resume_id != ''",
+                (offer_id,),
+            )
+            self.set_resume("offers", offer_id, ticket, secret, expires)
+
+    def settle_offer_ticket(self, offer_id: str) -> None:
+        """The receiver holds the current ticket: forget the previous one."""
+        self.db.execute(
+            "UPDATE offers SET resume_prev_id = NULL, resume_prev_secret = NULL WHERE id = ?",
+            (offer_id,),
+        )
+
+    def find_resumable_offer(self, ticket: str, now: int) -> tuple[Offer, bytes] | None:
+        """The offer an unexpired ticket (current or previous) names, and that ticket's secret."""
         row = self.db.execute(
-            "SELECT * FROM offers WHERE resume_id = ? AND resume_expires > ? AND state IN "
-            "(?, ?, ?)",
-            (ticket, now, PAIRED, SENDING, INTERRUPTED),
+            "SELECT * FROM offers WHERE (resume_id = ? OR resume_prev_id = ?) AND "
+            "resume_expires > ? AND state IN (?, ?, ?)",
+            (ticket, ticket, now, PAIRED, SENDING, INTERRUPTED),
         ).fetchone()
-        return _offer(row) if row else None
+        if row is None or not ticket:
+            return None
+        secret = row["resume_secret"] if row["resume_id"] == ticket else row["resume_prev_secret"]
+        return _offer(row), bytes(secret)
+
+    def offer_tickets(self, offer_id: str, now: int) -> list[tuple[str, bytes]]:
+        """Every ticket an interrupted offer can be resumed with (current first)."""
+        row = self.db.execute(
+            "SELECT resume_id, resume_secret, resume_prev_id, resume_prev_secret, "
+            "resume_expires FROM offers WHERE id = ?",
+            (offer_id,),
+        ).fetchone()
+        if row is None or not row["resume_id"] or (row["resume_expires"] or 0) <= now:
+            return []
+        out = [(row["resume_id"], bytes(row["resume_secret"]))]
+        if row["resume_prev_id"]:
+            out.append((row["resume_prev_id"], bytes(row["resume_prev_secret"])))
+        return out
 
     def claim_resume(self, offer_id: str) -> bool:
         """Atomically take an interrupted (or not yet noticed as lost) transfer back."""
@@ -319,6 +364,34 @@ class Store:
                 (INTERRUPTED, now),
             )
         ]
+
+    def receives_on_start(self, now: int) -> list[str]:
+        """After a restart: receives that were running are interrupted while their ticket is
+        valid, else failed; returns the staging folders to delete (nothing will resume them)."""
+        self.db.execute(
+            "UPDATE transfers SET state = 'interrupted' WHERE state IN ('paired', 'receiving') "
+            "AND resume_expires > ?",
+            (now,),
+        )
+        return self.expire_receives(now, ("paired", "receiving", "interrupted", "connecting"))
+
+    def expire_receives(
+        self, now: int, states: tuple[str, ...] = ("interrupted",)
+    ) -> list[str]:
+        """Receives that can no longer resume are failed; returns their staging folders."""
+        marks = ", ".join("?" for _ in states)
+        rows = self.db.execute(
+            f"SELECT id, staging FROM transfers WHERE state IN ({marks}) AND "
+            f"(resume_expires IS NULL OR resume_expires <= ?)",
+            (*states, now),
+        ).fetchall()
+        for row in rows:
+            self.db.execute(
+                "UPDATE transfers SET state = 'failed', error = ?, finished = ?, "
+                "resume_id = NULL, resume_secret = NULL WHERE id = ?",
+                ("the interrupted transfer was not resumed in time", now, row["id"]),
+            )
+        return [row["staging"] for row in rows if row["staging"]]
 
     def expire_resumes(self, now: int) -> list[str]:
         ids = [

@@ -141,3 +141,27 @@ async def test_a_peer_that_never_pairs_is_dropped_at_the_deadline(
     await asyncio.wait_for(engine.serve_sender(ch), 5)
     assert ch.closed and engine.unpaired == 0  # its pairing slot was given back
     engine.store.close()
+
+
+def test_a_resume_that_needs_nothing_more_sends_no_consent_record_and_does_not_fail(
+    tmp_path: Path,
+) -> None:
+    """The receiver already holds every file (e.g. it stopped after the last one was placed):
+    its ACCEPT leaves nothing to send, the session goes straight to waiting for the receipt,
+    and the driver must not try to send a consent record (no image will flow)."""
+    from p2pshare.protocol import events as ev
+    from p2pshare.protocol.sender import SenderState
+
+    engine, jobs, offer_id = _engine(tmp_path)
+    engine.store.consents.create(offer_id, "none", None, None)
+    run = SenderRun(engine, _NoChannel())
+    run.offer_id, run._claimed = offer_id, True
+    run.job = jobs.get(offer_id)
+    peer = crypto.Identity.generate()
+    run.s.peer_key, run.s.peer_name = peer.public_key, "Trauma Centre Radiology"
+    run.s.manifest = make_manifest(make_files(1, 100))
+    run.s.state = SenderState.AWAIT_RECEIPT  # what ACCEPT with an empty plan leaves
+    run._on_event(ev.Accepted({0: 1}))
+    offer = engine.store.get_offer(offer_id)
+    assert offer is not None and offer.state == SENDING
+    assert not run.s.consent_sent

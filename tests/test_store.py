@@ -514,3 +514,20 @@ def test_a_resume_ticket_is_kept_but_never_shown(store: Store) -> None:
     assert store.resume_secret("transfers", "job1", NOW + 60) is None  # expired
     shown = store.get_transfer("job1")
     assert shown is not None and "resume_secret" not in shown and shown["offer_id"] == "o1"
+
+
+def test_receives_that_can_no_longer_resume_are_failed_and_their_staging_given_back(
+    store: Store,
+) -> None:
+    for job, expires in (("live", NOW + 60), ("stale", NOW - 1)):
+        store.add_transfer(job, NOW, "/srv/incoming")
+        store.update_transfer(job, state="receiving")
+        store.set_resume("transfers", job, job * 4, b"s" * 32, expires,
+                         staging=f"/srv/incoming/.p2pshare-partial/{job}")  # fmt: skip
+    # after a restart: the live one waits for a resume, the stale one is over
+    assert store.receives_on_start(NOW) == ["/srv/incoming/.p2pshare-partial/stale"]
+    assert store.get_transfer("live")["state"] == "interrupted"  # type: ignore[index]
+    assert store.get_transfer("stale")["state"] == "failed"  # type: ignore[index]
+    # later, the sweep ends the other one once its ticket expired
+    assert store.expire_receives(NOW + 61) == ["/srv/incoming/.p2pshare-partial/live"]
+    assert store.resume_secret("transfers", "live", NOW) is None

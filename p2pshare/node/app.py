@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         jobs.create("offer", offer_id).emit(
             "interrupted", message="the sending node restarted; the receiver may resume"
         )
-    store.db.execute(
-        "UPDATE transfers SET state = 'interrupted' WHERE state IN ('paired', 'receiving')"
-    )
+    for staging in store.receives_on_start(engine.now()):
+        shutil.rmtree(staging, ignore_errors=True)
     engine.audit("node-started", name=cfg.name, fingerprint=identity.fingerprint)
     # LAN discovery (started by start() once the port is bound) and the relay registrar
     app[discovery_key] = Discovery(
@@ -111,6 +111,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if registrar_key in app:
         await app[registrar_key].close()
     sweeper.cancel()
+    engine.stopping = True  # what is cancelled now is interrupted, and can resume
     tasks = [*app[service.receive_tasks_key], *engine.running.values()]
     for task in tasks:
         task.cancel()
@@ -125,6 +126,8 @@ async def _sweep_expired(app: web.Application) -> None:
     while True:
         await asyncio.sleep(EXPIRY_SWEEP_S)
         service.kick_notifications(app, only_due=True)
+        for staging in store.expire_receives(engine.now()):
+            shutil.rmtree(staging, ignore_errors=True)  # no partial patient data left behind
         for offer_id in store.expire_resumes(engine.now()):
             engine.audit("transfer-failed", "resume-expired", offer=offer_id)
             job = jobs.get(offer_id)

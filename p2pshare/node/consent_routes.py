@@ -17,7 +17,16 @@ from aiohttp import web
 from p2pshare import consent
 from p2pshare.consent import Consent
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key
-from p2pshare.store import ACTIVE, COMPLETED, DECLINED, PAIRED, SENDING, Offer
+from p2pshare.store import (
+    ACTIVE,
+    COMPLETED,
+    DECLINED,
+    FAILED,
+    INTERRUPTED,
+    PAIRED,
+    SENDING,
+    Offer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,8 @@ def _lookup(request: web.Request, *, writable: bool = True) -> tuple[Consent, Of
         raise _gone("This link is not valid. Ask the hospital staff for a new one.", 404)
     offer = store.get_offer(c.offer_id)
     now = request.app[engine_key].now()
-    live = offer is not None and offer.state in (ACTIVE, PAIRED, SENDING)
+    # an interrupted transfer may still resume: the patient can still revoke it
+    live = offer is not None and offer.state in (ACTIVE, PAIRED, SENDING, INTERRUPTED)
     finished = offer is not None and offer.state == COMPLETED and now <= offer.expires
     if offer is None or not (live or (finished and not writable)):
         raise _gone("This link has expired: the transfer it was for has ended.")
@@ -274,6 +284,13 @@ async def revoke(request: web.Request) -> web.Response:
     _emit(request, c.offer_id, "consent-revoked")
     if offer.state == ACTIVE:
         _end_offer(request, offer, "consent-revoked", "the patient revoked consent")
+    elif offer.state == INTERRUPTED:
+        # no connection to stop: end the transfer so that no reconnection can carry it on
+        store.set_offer_state(offer.id, FAILED, error="the patient revoked consent")
+        store.set_resume("offers", offer.id, "", b"", 0)
+        job = request.app[jobs_key].get(offer.id)
+        if job is not None and not job.done:
+            job.finish("error", code="consent-revoked", message="the patient revoked consent")
     engine.consent_changed(c.offer_id)
     fresh = store.consents.get(c.offer_id)
     assert fresh is not None

@@ -22,9 +22,10 @@ from p2pshare.config import MAX_EXPIRY_S
 from p2pshare.dicom.header import parse_header
 from p2pshare.dicom.ingest import StudyScan, scan
 from p2pshare.discovery import discovery_key
-from p2pshare.errors import ConfigError, ConnectionLost, P2PShareError
+from p2pshare.errors import ConfigError, ConnectionLost, P2PShareError, TransferError
 from p2pshare.jobs import Job
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key
+from p2pshare.staging import held_chunks
 from p2pshare.store import CANCELLED, INTERRUPTED, SENDING, Store
 from p2pshare.transfer import paths, relay_client
 from p2pshare.transfer.channel import Channel, connect
@@ -227,7 +228,7 @@ def invoke_break_glass(
     """A clinician authorises the offer because the patient cannot; audited and notified."""
     cfg, store, engine, jobs = app[config_key], app[store_key], app[engine_key], app[jobs_key]
     offer = store.get_offer(offer_id)
-    if offer is None or offer.state not in ("active", "paired", SENDING):
+    if offer is None or offer.state not in ("active", "paired", SENDING, INTERRUPTED):
         raise ConfigError("break-glass needs a live offer; this one has ended")
     now = engine.now()
     c = store.consents.break_glass(
@@ -352,7 +353,9 @@ async def _reconnect(
     held, under a fresh connection key. Raises the last ConnectionLost if every try fails."""
     cfg, store, engine = app[config_key], app[store_key], app[engine_key]
     exc: P2PShareError = lost
-    for attempt in range(1, cfg.reconnect_attempts + 1):
+    attempt = 0
+    while attempt < cfg.reconnect_attempts:
+        attempt += 1
         resume = load_resume(store, job.id, engine.now())
         if resume is None:
             raise exc
@@ -360,13 +363,30 @@ async def _reconnect(
         job.emit("reconnecting", attempt=attempt, delay_s=delay, reason=exc.message)
         store.update_transfer(job.id, state="interrupted")
         await asyncio.sleep(delay)
+        resume = await _with_held(app, resume, job.id)
+        mark = job.events[-1]["seq"] if job.events else 0
         try:
             channel = await _open_resume(app, resume, http)
             bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
             return await engine.receive(bounded, resume, out, job)
         except ConnectionLost as again:
             exc = again
+            if any(e["event"] == "resuming" and e["seq"] > mark for e in job.events):
+                attempt = 0  # that connection made progress: a fresh budget for the next cut
     raise exc
+
+
+async def _with_held(app: web.Application, resume: Resume, job_id: str) -> Resume:
+    """Work out what is already held (re-hashing it) before reconnecting, not while the
+    sender waits for the answer to its manifest."""
+    store = app[store_key]
+    t, manifest = store.get_transfer(job_id), store.get_transfer_manifest(job_id)
+    if t is None or manifest is None or not t.get("staging"):
+        return resume
+    held = await asyncio.to_thread(
+        held_chunks, Path(t["out_dir"]), Path(t["staging"]), manifest
+    )
+    return dataclasses.replace(resume, held=held)
 
 
 async def _open_resume(
@@ -418,6 +438,7 @@ async def _resume(app: web.Application, job: Job, resume: Resume, out: Path) -> 
     try:
         async with aiohttp.ClientSession() as http:
             try:
+                resume = await _with_held(app, resume, job.id)
                 channel = await _open_resume(app, resume, http)
                 bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
                 receipt = await engine.receive(bounded, resume, out, job)
@@ -427,8 +448,26 @@ async def _resume(app: web.Application, job: Job, resume: Resume, out: Path) -> 
     except P2PShareError as exc:
         _receive_failed(app, job, exc)
     except asyncio.CancelledError:
-        job.finish("error", code="cancelled", message="the transfer was cancelled on this node")
+        _receive_cancelled(app, job)
         raise
+    except Exception as exc:
+        log.exception("resume of job %s failed unexpectedly", job.id[:8])
+        _receive_failed(app, job, TransferError(f"internal error ({type(exc).__name__})"))
+
+
+def _receive_cancelled(app: web.Application, job: Job) -> None:
+    """A receive task was cancelled: by its operator (partial data removed), or because the
+    node is stopping (kept: the transfer is interrupted and can resume after the restart)."""
+    store, engine = app[store_key], app[engine_key]
+    t = store.get_transfer(job.id)
+    if engine.stopping and load_resume(store, job.id, engine.now()) is not None:
+        store.update_transfer(job.id, state="interrupted")
+        job.finish("error", code="interrupted", message="the node stopped; resume after restart")
+        return
+    if t and t.get("staging"):
+        shutil.rmtree(t["staging"], ignore_errors=True)
+    store.update_transfer(job.id, state="cancelled", finished=engine.now())
+    job.finish("error", code="cancelled", message="the transfer was cancelled on this node")
 
 
 def _finish_receive(
@@ -521,8 +560,7 @@ async def _receive(
     except P2PShareError as exc:
         _receive_failed(app, job, exc)
     except asyncio.CancelledError:
-        store.update_transfer(job.id, state="cancelled", finished=engine.now())
-        job.finish("error", code="cancelled", message="the transfer was cancelled on this node")
+        _receive_cancelled(app, job)
         raise
     except Exception as exc:
         log.exception("receive job %s failed unexpectedly", job.id[:8])

@@ -45,6 +45,8 @@ class Engine:
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     #: peer addresses of connections that have not paired yet (one entry per connection)
     unpaired: int = 0
+    #: the node is shutting down: transfers it cancels are interrupted, not abandoned
+    stopping: bool = False
     #: called with an offer id when its transfer was interrupted (e.g. to wait at the relay)
     on_interrupted: Callable[[str], None] | None = None
     #: offer id → set when the offer's consent changed (wakes the connection serving it)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,9 @@ class Resume:
     sender_fingerprint: str
     manifest_digest: str
     address: str
+    #: (chunks held, prefix hashes, instances placed), worked out before reconnecting so the
+    #: new connection does not wait for it (see staging.held_chunks)
+    held: Any = field(default=None, compare=False, repr=False)
 
 
 class ReceiverRun:
@@ -86,6 +89,7 @@ class ReceiverRun:
         )
         #: keep the staged chunks when the connection is lost (the transfer can be resumed)
         self.keep_staging = False
+        self._paired = False
         self.staging: Staging | None = None
         self._bytes = 0
         self._last_progress = 0.0
@@ -137,6 +141,9 @@ class ReceiverRun:
             # owes the person how much arrived and what to do (below).
             if self.receipt is None and self.s.manifest is None:
                 raise
+        except asyncio.CancelledError:
+            lost = self.e.stopping  # a node shutting down keeps what arrived, for a resume
+            raise
         except BaseException:
             lost = False
             raise
@@ -158,6 +165,20 @@ class ReceiverRun:
             raise ConnectionLost("the sender closed the connection before pairing finished")
         return self.receipt
 
+    def _keep_ticket(self) -> None:
+        e = self.e
+        ticket, secret = self.s.resume_ticket()
+        e.store.set_resume(
+            "transfers",
+            self.job.id,
+            ticket,
+            secret,
+            e.now() + e.config.resume_ttl_s,
+            offer_id=self.s.offer_id,
+            sender_address=self.ch.peer_address,
+            staging=str(self._staging_dir()),
+        )
+
     def _staging_dir(self) -> Path:
         """Stable per receive job, so a resumed connection finds what the last one staged."""
         return self.out_dir / ".p2pshare-partial" / self.job.id
@@ -178,7 +199,10 @@ class ReceiverRun:
         self.staging = Staging(
             self.out_dir, self._staging_dir(), event.manifest, self._on_placed
         )
-        have, prefix, placed = await asyncio.to_thread(self.staging.resume_state)
+        if self.resume.held is not None and self.resume.manifest_digest:
+            have, prefix, placed = self.resume.held
+        else:
+            have, prefix, placed = await asyncio.to_thread(self.staging.resume_state)
         self.staging.placed = placed
         held = sum(
             event.manifest.chunk_length(fi, ci) for fi, n in have.items() for ci in range(n)
@@ -266,24 +290,16 @@ class ReceiverRun:
             )
             self.s.trust_peer()
         elif isinstance(event, ev.Paired):
+            self._paired = True
             self._started = time.monotonic()
+            if self.resume is None:
+                self._keep_ticket()  # the first connection: there is no earlier ticket
             e.store.update_transfer(
                 self.job.id,
                 state="paired",
                 peer_name=self.s.peer_name,
                 peer_fingerprint=crypto.fingerprint(self.s.peer_key),
                 transfer_id=event.transfer_id.hex(),
-            )
-            ticket, secret = self.s.resume_ticket()
-            e.store.set_resume(
-                "transfers",
-                self.job.id,
-                ticket,
-                secret,
-                e.now() + e.config.resume_ttl_s,
-                offer_id=self.s.offer_id,
-                sender_address=self.ch.peer_address,
-                staging=str(self._staging_dir()),
             )
             if self.resume is not None:
                 e.audit("transfer-resumed", "ok", transfer=event.transfer_id.hex(),
@@ -298,6 +314,10 @@ class ReceiverRun:
             )
         elif isinstance(event, ev.ManifestOffer):
             if self.resume is not None:
+                # A reconnection's ticket is kept only now: the sender stored it before it sent
+                # the manifest (a cut during the handshake leaves this side with the previous
+                # ticket, which the sender still honours until it sees our ACCEPT).
+                self._keep_ticket()
                 await self._resume_manifest(event)
                 return
             self._check_room(event.manifest)
@@ -409,6 +429,11 @@ class ReceiverRun:
             )
 
     def _remote_error(self, event: ev.RemoteError) -> P2PShareError:
+        if self.resume is not None and not self._paired:
+            # Before the keys exist an ERROR is not authenticated (anyone on the path, or the
+            # relay, could forge "resume-unknown"), and "busy" passes: try again later rather
+            # than give up the data already held.
+            return ConnectionLost(f"the sending node did not take the reconnection: {event.message}")
         if event.code == "code-rejected":
             return CodeRejected(event.tries_left or 0)
         if event.code.startswith("offer-"):

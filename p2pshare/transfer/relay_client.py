@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -175,23 +176,29 @@ class RelayRegistrar:
             task.add_done_callback(lambda _t: self._offers.pop(offer_id, None))
 
     def register_resume(self, offer_id: str) -> None:
-        """Wait at the relay for the receiver of an interrupted transfer to come back."""
-        key = "resume:" + offer_id
-        if key not in self._offers:
-            task = asyncio.create_task(self._keep_registered_for_resume(offer_id))
-            self._offers[key] = task
-            task.add_done_callback(lambda _t: self._offers.pop(key, None))
+        """Wait at the relay for the receiver of an interrupted transfer to come back: under
+        the current ticket's token and, during a handover, the previous ticket's."""
+        for ticket, _secret in self.engine.store.offer_tickets(offer_id, self.engine.now()):
+            key = f"resume:{offer_id}:{ticket}"
+            if key not in self._offers:
+                task = asyncio.create_task(self._keep_registered_for_resume(offer_id, ticket))
+                self._offers[key] = task
+                task.add_done_callback(functools.partial(self._forget, key))
 
-    def _resumable(self, offer_id: str) -> tuple[str, bytes] | None:
+    def _forget(self, key: str, _task: asyncio.Task[None]) -> None:
+        self._offers.pop(key, None)
+
+    def _resumable(self, offer_id: str, ticket: str) -> tuple[str, bytes] | None:
         offer = self.engine.store.get_offer(offer_id)
         if offer is None or offer.state != INTERRUPTED:
             return None
-        return self.engine.store.resume_secret("offers", offer_id, self.engine.now())
+        tickets = dict(self.engine.store.offer_tickets(offer_id, self.engine.now()))
+        return (ticket, tickets[ticket]) if ticket in tickets else None
 
-    async def _keep_registered_for_resume(self, offer_id: str) -> None:
+    async def _keep_registered_for_resume(self, offer_id: str, ticket_id: str) -> None:
         backoff = 1.0
         async with aiohttp.ClientSession() as http:
-            while (ticket := self._resumable(offer_id)) is not None:
+            while (ticket := self._resumable(offer_id, ticket_id)) is not None:
                 try:
                     channel = await open_channel(
                         self.relay,
@@ -199,18 +206,20 @@ class RelayRegistrar:
                         "sender",
                         self.engine.identity,
                         http,
-                        keep_waiting=lambda: self._resumable(offer_id) is not None,
+                        keep_waiting=lambda: self._resumable(offer_id, ticket_id) is not None,
                     )
                 except ConnectionLost as exc:
-                    if self._resumable(offer_id) is None:
+                    if self._resumable(offer_id, ticket_id) is None:
                         break
                     log.info("offer %s: relay (resume): %s", offer_id[:8], exc.code)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
-                backoff = 1.0
                 log.info("offer %s: the receiver came back through the relay", offer_id[:8])
                 await self.engine.serve_sender(self.wrap(channel))
+                # Whoever came may have gone again at once (or never paired): do not spin.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
 
     def _live(self, offer_id: str) -> bool:
         offer = self.engine.store.get_offer(offer_id)

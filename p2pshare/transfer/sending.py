@@ -262,8 +262,8 @@ class SenderRun:
                 transfer_id=event.transfer_id.hex(),
             )
             ticket, secret = self.s.resume_ticket()
-            e.store.set_resume(
-                "offers", self.offer_id, ticket, secret, e.now() + e.config.resume_ttl_s
+            e.store.roll_offer_ticket(
+                self.offer_id, ticket, secret, e.now() + e.config.resume_ttl_s
             )
             e.audit(
                 "transfer-resumed" if self._resume else "pairing-attempt",
@@ -282,6 +282,8 @@ class SenderRun:
             digest = self.s.send_manifest(offer.manifest, {"sender": e.config.name})
             log.info("offer %s paired; manifest %s sent", self.offer_id[:8], digest[:12])
         elif isinstance(event, ev.Accepted):
+            # The receiver had the manifest, so it holds this connection's ticket now.
+            e.store.settle_offer_ticket(self.offer_id)
             e.store.set_offer_state(self.offer_id, SENDING)
             e.audit(
                 "transfer-started",
@@ -291,7 +293,8 @@ class SenderRun:
                 peer=crypto.fingerprint(self.s.peer_key),
                 resumed_files=len(event.have),
             )
-            self._check_consent()
+            if self.s.awaiting_consent:  # nothing to send (all held) needs no consent record
+                self._check_consent()
         elif isinstance(event, ev.Receipt):
             e.store.set_offer_state(self.offer_id, COMPLETED, receipt=event.body)
             e.audit(
@@ -371,6 +374,12 @@ class SenderRun:
         if c is None:
             self._stop_for_consent(
                 "consent-missing", "the sending node has no consent record for this offer"
+            )
+        elif c.state == consent.REVOKED:  # e.g. while the transfer was interrupted
+            e.audit("consent-revoked", "stopped-stream", offer=self.offer_id)
+            self._stop_for_consent(
+                "consent-revoked",
+                "the patient revoked consent at the sending hospital; the transfer was stopped",
             )
         elif c.granted(now):
             self._send_consent(c, now)
@@ -456,9 +465,9 @@ class SenderRun:
         """The receiver reconnects with a resume ticket: the same handshake, its secret as the
         password; only the node that paired before can complete it."""
         e = self.e
-        offer = e.store.find_resumable_offer(event.offer_ref, e.now())
-        ticket = e.store.resume_secret("offers", offer.id, e.now()) if offer else None
-        if offer is None or ticket is None or not offer.peer_fingerprint:
+        found = e.store.find_resumable_offer(event.offer_ref, e.now())
+        offer, secret = found if found else (None, b"")
+        if offer is None or not offer.peer_fingerprint:
             e.audit("pairing-attempt", "resume-unknown", address=self.ch.peer_address)
             self.s.refuse(
                 "resume-unknown",
@@ -472,7 +481,7 @@ class SenderRun:
         self.offer_id = offer.id
         self.job = e.offer_job(offer.id)
         self._emit("pairing", address=self.ch.peer_address, resume=True)
-        self.s.use_offer(offer.id, ticket[1])
+        self.s.use_offer(offer.id, secret)
 
     def _send_one_chunk(self) -> None:
         nxt = self.s.next_chunk()

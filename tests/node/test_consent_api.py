@@ -408,3 +408,32 @@ async def test_the_manifest_offered_names_no_patient(node: Node, study: Path) ->
     stored = node.app[store_key].get_offer(offer["offer_id"])
     assert stored is not None and stored.manifest.patient == {}
     assert "DEMO" not in stored.manifest.to_bytes().decode()
+
+
+async def test_the_patient_can_revoke_while_the_transfer_is_interrupted(
+    node: Node, study: Path
+) -> None:
+    """A cut transfer waits for its receiver to resume; the patient's revocation must end it,
+    so that no reconnection can carry the images on."""
+    offer = await make_offer(node, study, destination="Trauma Centre Radiology")
+    path = link_path(offer)
+    _, body = await phone(node, "POST", path + "/verify", {"dob": DOB})
+    verifier = body["verifier"]
+    status, _ = await phone(
+        node, "POST", path + "/decision", {"decision": "approve", "verifier": verifier}
+    )
+    assert status == 200
+    store = node.app[store_key]
+    oid = offer["offer_id"]
+    store.set_offer_state(oid, "interrupted", peer_name="Trauma Centre Radiology",
+                          peer_fingerprint="AAAA-BBBB")  # fmt: skip
+    store.roll_offer_ticket(oid, "cd" * 16, b"s" * 32, 2**40)
+    assert store.find_resumable_offer("cd" * 16, 0) is not None
+    status, state = await phone(node, "GET", path + "/state", verifier=verifier)
+    assert status == 200 and state["transfer"] == "interrupted"  # the page still works
+    status, body = await phone(node, "POST", path + "/revoke", {"verifier": verifier})
+    assert status == 200 and body["state"] == "revoked"
+    stored = store.get_offer(oid)
+    assert stored is not None and stored.state == "failed"
+    assert store.find_resumable_offer("cd" * 16, 0) is None  # the ticket no longer works
+    assert job_events(node, oid)[-1]["code"] == "consent-revoked"
