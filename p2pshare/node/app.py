@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hmac
 import json
 import logging
@@ -65,6 +66,31 @@ def load_token(path: Path) -> str:
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")
     return token
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """One node per data folder: a second one (e.g. a temporary CLI node next to a running
+    `serve`) would rewrite the first one's transfer states on start."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"another node is already running with the data folder {data_dir}: drive it with "
+            f"--node URL (its address), or give this one another --data-dir"
+        ) from None
+    return fd
+
+
+async def _locked(app: web.Application) -> AsyncIterator[None]:
+    """Hold the data folder's lock for the node's whole life (released when it stops)."""
+    fd = _lock_data_dir(app[config_key].data_dir)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -428,6 +454,7 @@ def create_app(config: NodeConfig) -> web.Application:
     app[service.addresses_key] = []
     app[service.receive_tasks_key] = set()
     app[service.notify_task_key] = set()
+    app.cleanup_ctx.append(_locked)
     app.cleanup_ctx.append(_resources)
     app.add_routes(routes)
     consent_routes.setup(app, WEB_DIR)

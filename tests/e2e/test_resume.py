@@ -246,3 +246,16 @@ async def test_a_cut_on_a_relayed_transfer_resumes_through_the_relay(
         await stop_node(receiver)
         await stop_node(sender)
         await runner.cleanup()
+
+
+async def test_a_second_node_on_the_same_data_folder_is_refused_and_changes_nothing(
+    pair: tuple[NodeProc, NodeProc], resume_study: Path, tmp_path: Path, cli: Cli
+) -> None:
+    """A temporary CLI node next to a running `serve` would rewrite its transfer states."""
+    sender, _ = pair
+    res = await cli.run(
+        "send", str(resume_study), "--consent", "none", "--data-dir", str(sender.data_dir)
+    )
+    assert res.code == 2, res.stdout + res.stderr
+    assert "already running with the data folder" in res.stderr and "--node" in res.stderr
+    assert "Traceback" not in res.stderr
