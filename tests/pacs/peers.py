@@ -48,7 +48,8 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
 def need(*programs: str) -> None:
     for program in programs:
         if not shutil.which(program) and not Path(program).exists():
-            pytest.skip(f"{program} is not installed (scripts/apt-packages.txt)")
+            # scripts/setup.sh installs them: a missing peer is a broken setup, not a skip
+            pytest.fail(f"{program} is not installed: run scripts/setup.sh")
 
 
 @contextlib.contextmanager
@@ -103,7 +104,7 @@ def orthanc(work: Path, ae_title: str = "ORTHANC") -> Iterator[Orthanc]:
     need(ORTHANC)
     plugin = next((p for p in DICOMWEB_PLUGINS if Path(p).exists()), None)
     if plugin is None:
-        pytest.skip("the Orthanc DICOMweb plugin is not installed (orthanc-dicomweb)")
+        pytest.fail("the Orthanc DICOMweb plugin is missing (orthanc-dicomweb): run scripts/setup.sh")
     work.mkdir(parents=True, exist_ok=True)
     peer = Orthanc(free_port(), free_port(), ae_title)
     config = {

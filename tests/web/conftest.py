@@ -237,8 +237,8 @@ def camera_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # before any asyncio test of another package runs in the same pytest process, in any order.
 @pytest.fixture(scope="package")
 def browser(camera_file: Path) -> Iterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed")
+    # scripts/setup.sh installs it: a missing browser is a broken setup, not a reason to skip
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: run scripts/setup.sh"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
