@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import fcntl
 import hmac
-import json
 import logging
 import os
 import secrets
@@ -42,6 +41,7 @@ from p2pshare.node import (
     viewer_routes,
     web_routes,
 )
+from p2pshare.node.httputil import actor, read_json, require_operator
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key, token_key
 from p2pshare.protocol.frames import MAX_FRAME
 from p2pshare.store import Store
@@ -244,44 +244,10 @@ async def peer_endpoint(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ConfigError("the request body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ConfigError("the request body must be a JSON object")
-    return body
-
-
-def _actor(request: web.Request) -> tuple[str, bool]:
-    """Who is asking: (a staff account's name, False) or ("api-token", True) for the operator."""
-    session = request.get(web_routes.staff_key)
-    if session is not None:
-        return session.user.name, False
-    return "api-token", True
-
-
-def _operator_only(request: web.Request, what: str) -> None:
-    """Paths on the node's disk are the operator's (API token), never a browser session's."""
-    if not _actor(request)[1]:
-        raise web.HTTPForbidden(
-            text=json.dumps(
-                {
-                    "error": "operator-only",
-                    "message": f"{what} names a folder on the node: only its operator (API "
-                    f"token) may do that. In the web app, use the study library and the "
-                    f"receive page instead",
-                }
-            ),
-            content_type="application/json",
-        )
-
-
 @routes.post("/api/v1/offers")
 async def post_offer(request: web.Request) -> web.Response:
-    _operator_only(request, "an offer by path")
-    body = await _json(request)
+    require_operator(request)
+    body = await read_json(request)
     path = body.get("path")
     if not isinstance(path, str) or not path:
         raise ConfigError("give the study's folder or .zip as 'path'")
@@ -300,7 +266,7 @@ async def post_offer(request: web.Request) -> web.Response:
         consent_policy=policy if isinstance(policy, str) else None,
         destination=destination if isinstance(destination, str) else None,
         break_glass=break_glass,
-        actor=_actor(request)[0],
+        actor=actor(request),
         may_loosen=True,
     )
     return web.json_response(offer, status=201)
@@ -308,7 +274,7 @@ async def post_offer(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/offers/{offer_id}/break-glass")
 async def post_break_glass(request: web.Request) -> web.Response:
-    body = await _json(request)
+    body = await read_json(request)
     minutes = body.get("minutes")
     view = service.invoke_break_glass(
         request.app,
@@ -316,7 +282,7 @@ async def post_break_glass(request: web.Request) -> web.Response:
         str(body.get("clinician", "")),
         str(body.get("reason", "")),
         minutes if isinstance(minutes, int) and not isinstance(minutes, bool) else None,
-        actor=_actor(request)[0],
+        actor=actor(request),
     )
     return web.json_response(view)
 
@@ -365,7 +331,7 @@ async def get_offer(request: web.Request) -> web.Response:
 @routes.delete("/api/v1/offers/{offer_id}")
 async def delete_offer(request: web.Request) -> web.Response:
     if not service.cancel_offer(
-        request.app, request.match_info["offer_id"], actor=_actor(request)[0]
+        request.app, request.match_info["offer_id"], actor=actor(request)
     ):
         raise web.HTTPConflict(
             text='{"error": "not-cancellable", "message": "no such live offer"}',
@@ -377,7 +343,7 @@ async def delete_offer(request: web.Request) -> web.Response:
 @routes.post("/api/v1/receive/resume")
 async def post_resume(request: web.Request) -> web.Response:
     """Reconnect an interrupted receive (``{"job": id}``), e.g. after this node restarted."""
-    body = await _json(request)
+    body = await read_json(request)
     job_id = body.get("job")
     if not isinstance(job_id, str) or not job_id:
         raise ConfigError("give the interrupted transfer's job id as 'job'")
@@ -387,8 +353,8 @@ async def post_resume(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/receive")
 async def post_receive(request: web.Request) -> web.Response:
-    _operator_only(request, "a receive into a chosen folder")
-    body = await _json(request)
+    require_operator(request)
+    body = await read_json(request)
     code, out = body.get("code"), body.get("out")
     if not isinstance(code, str) or not isinstance(out, str) or not out:
         raise ConfigError("give the code (or QR link) as 'code' and the destination as 'out'")
@@ -439,7 +405,7 @@ async def forget_peer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not request.app[store_key].forget_peer(name):
         raise web.HTTPNotFound(text='{"error": "not-found"}', content_type="application/json")
-    request.app[engine_key].audit("peer-forgotten", name=name, user=_actor(request)[0])
+    request.app[engine_key].audit("peer-forgotten", name=name, user=actor(request))
     return web.json_response({"forgotten": name})
 
 

@@ -23,8 +23,8 @@ from aiohttp import web
 
 from p2pshare.audit import AuditLog, ChainReport, open_readonly
 from p2pshare.errors import ConfigError
+from p2pshare.node.httputil import staff_key
 from p2pshare.node.keys import config_key, engine_key, store_key
-from p2pshare.node.web_routes import staff_key
 from p2pshare.users import Role
 
 DEFAULT_LIMIT = 1000

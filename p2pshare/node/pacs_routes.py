@@ -25,6 +25,7 @@ from aiohttp import web
 
 from p2pshare.errors import ConfigError, InputError
 from p2pshare.library import Library, Stored
+from p2pshare.node.httputil import actor, read_json, require_operator
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key
 from p2pshare.pacs.export import PacsTarget, check_ae_title
 from p2pshare.pacs.exporting import ExportRequest, Exports, Received, run_export
@@ -193,16 +194,6 @@ def start_export(app: web.Application, request: ExportRequest) -> str:
 # ------------------------------------------------------------------------------ routes
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ConfigError("the request body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ConfigError("the request body must be a JSON object")
-    return body
-
-
 def _text(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if value is None:
@@ -250,10 +241,9 @@ async def get_study(request: web.Request) -> web.Response:
 async def import_studies(request: web.Request) -> web.Response:
     """Import from a path on the node's own disk: the operator's call (the CLI with the node's
     token), never a browser's (a browser uploads the study instead)."""
-    from p2pshare.node.web_routes import require_operator  # web_routes imports this module
 
     require_operator(request)
-    body = await _json(request)
+    body = await read_json(request)
     path = _text(body, "path")
     if not path:
         raise ConfigError("give the CD/DVD folder, folder or .zip to import as 'path'")
@@ -265,17 +255,9 @@ async def import_studies(request: web.Request) -> web.Response:
         duplicates=report["duplicates"],
         skipped=len(report["skipped"]),
         dicomdir_missing=len(report["dicomdir"]["missing"]),
-        user=actor_name(request),
+        user=actor(request),
     )
     return web.json_response(report, status=201 if report["studies"] else 200)
-
-
-def actor_name(request: web.Request) -> str:
-    """Who asked, for the audit: the signed-in staff account, or the operator's API token."""
-    from p2pshare.node.web_routes import staff_key  # web_routes imports this module
-
-    session = request.get(staff_key)
-    return str(session.user.name) if session is not None else "api-token"
 
 
 @routes.post("/api/v1/studies/{study_id}/report")
@@ -314,7 +296,7 @@ async def attach_report(request: web.Request) -> web.Response:
         study_id=study_id,
         sop=result["sop_instance_uid"],
         kind=result["kind"],
-        user=actor_name(request),
+        user=actor(request),
     )
     return web.json_response(result, status=201)
 
@@ -334,13 +316,13 @@ async def complete_study(request: web.Request) -> web.Response:
 async def delete_study(request: web.Request) -> web.Response:
     study_id = request.match_info["study_id"]
     await asyncio.to_thread(request.app[library_key].delete, study_id)
-    request.app[engine_key].audit("study-deleted", study_id=study_id, user=actor_name(request))
+    request.app[engine_key].audit("study-deleted", study_id=study_id, user=actor(request))
     return web.json_response({"deleted": study_id})
 
 
 @routes.post("/api/v1/transfers/{job_id}/export")
 async def export_transfer(request: web.Request) -> web.Response:
-    body = await _json(request)
+    body = await read_json(request)
     target = _text(body, "target") or "pacs"
     if target not in ("pacs", "stow"):
         raise ConfigError("'target' must be 'pacs' (C-STORE) or 'stow' (STOW-RS)")

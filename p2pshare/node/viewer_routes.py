@@ -23,7 +23,7 @@ from aiohttp import web
 
 from p2pshare.errors import InputError
 from p2pshare.manifest import Manifest
-from p2pshare.node import web_routes
+from p2pshare.node.httputil import actor
 from p2pshare.node.keys import engine_key, store_key
 from p2pshare.node.pacs_routes import library_key
 from p2pshare.viewer import decode, study
@@ -104,8 +104,7 @@ async def series(request: web.Request) -> web.Response:
 
 def _audit_viewed(request: web.Request, kind: str, ref: str, body: dict[str, Any]) -> None:
     """Audit "study viewed" once per person (staff user, or the API token) and study."""
-    session = request.get(web_routes.staff_key)
-    who = session.user.name if session is not None else "api-token"
+    who = actor(request)
     key = (f"{kind}:{ref}", who)
     viewed = request.app[viewer_key].viewed
     if key in viewed:

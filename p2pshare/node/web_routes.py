@@ -43,6 +43,7 @@ from p2pshare import codes
 from p2pshare.errors import CodeError, ConfigError, InputError
 from p2pshare.library import Library
 from p2pshare.node import service
+from p2pshare.node.httputil import actor, read_json, staff_key
 from p2pshare.node.keys import config_key, engine_key, store_key
 from p2pshare.node.pacs_routes import library_key
 from p2pshare.users import AttemptLimit, Role, Session, SignIn, Users, csrf_matches
@@ -87,7 +88,6 @@ users_key = web.AppKey("users_key", Users)
 sign_in_limit_key = web.AppKey("sign_in_limit_key", AttemptLimit)
 hashing_key = web.AppKey("hashing_key", Slots)
 uploads_key = web.AppKey("uploads_key", Slots)
-staff_key = "p2pshare.staff"
 
 #: Pages that need a signed-in member of staff (file in web/, or None when another module
 #: serves the route, like the viewer).
@@ -143,27 +143,6 @@ def _error(
     if retry_after is not None:
         res.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
     return res
-
-
-def require_operator(request: web.Request) -> None:
-    """Let only the node's operator (the bearer token: the CLI) make this call, never a staff
-    browser session: for API calls that name a path on the node's own disk.
-
-    Raises:
-        web.HTTPForbidden: the request is authenticated by a staff session cookie.
-    """
-    if request.get(staff_key) is not None:
-        raise web.HTTPForbidden(
-            text=json.dumps(
-                {
-                    "error": "operator-only",
-                    "message": "this call names a path on the node's own disk, so only the "
-                    "node's operator may make it (the p2pshare command line, with the node's "
-                    "token), not a browser session; upload the study on the send page instead",
-                }
-            ),
-            content_type="application/json",
-        )
 
 
 def staff_session(request: web.Request) -> Session | None:
@@ -388,7 +367,7 @@ async def offer_study(request: web.Request) -> web.Response:
     Body: ``{"study_id", "expires_s"?, "consent"?, "destination"?}`` — the browser names the
     study, the node finds its files (``POST /api/v1/offers`` takes a path, for the CLI).
     """
-    body = await _json(request)
+    body = await read_json(request)
     study_id, expires = body.get("study_id"), body.get("expires_s")
     policy, destination = body.get("consent"), body.get("destination")
     if not isinstance(study_id, str) or not study_id:
@@ -401,25 +380,10 @@ async def offer_study(request: web.Request) -> web.Response:
         expires if isinstance(expires, int) else None,
         consent_policy=policy if isinstance(policy, str) else None,
         destination=destination if isinstance(destination, str) and destination else None,
-        actor=_user_name(request),
+        actor=actor(request),
     )
     offer["study_id"] = study_id
     return web.json_response(offer, status=201)
-
-
-def _user_name(request: web.Request) -> str:
-    session: Session | None = request.get(staff_key)
-    return session.user.name if session is not None else "api-token"
-
-
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ConfigError("the request body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ConfigError("the request body must be a JSON object")
-    return body
 
 
 # -- uploads -----------------------------------------------------------------------------------
@@ -587,7 +551,7 @@ async def decode_qr(request: web.Request) -> web.Response:
 @routes.post("/api/v1/web/receive")
 async def receive(request: web.Request) -> web.Response:
     """Start receiving into a folder the node chooses: ``{"code", "from"?}``."""
-    body = await _json(request)
+    body = await read_json(request)
     code = body.get("code")
     if not isinstance(code, str) or not code.strip():
         raise ConfigError("give the spoken code or the scanned QR link as 'code'")
