@@ -85,6 +85,13 @@ class Node:
             parsed = text
         return res.status, parsed, res
 
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One API call with the node's bearer token (the CLI's way in)."""
+        status, parsed, _ = self.request(
+            method, path, body, headers={"Authorization": f"Bearer {self.token}"}
+        )
+        return status, parsed
+
     def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "p2pshare", *args, "--data-dir", str(self.data_dir)],
@@ -108,17 +115,14 @@ class Node:
         return cookie.split(";", 1)[0], body["csrf"]
 
 
-def spawn(name: str, data_dir: Path) -> Node:
+def spawn(name: str, data_dir: Path, *extra: str) -> Node:
+    """`p2pshare serve` on a free loopback port (``extra``: more serve options)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(
         [sys.executable, "-m", "p2pshare", "serve", "--data-dir", str(data_dir), "--name", name,
-         "--host", "127.0.0.1", "--port", str(port),
-         # Staff flows are under test here; the patient's consent has its own browser tests
-         # (tests/e2e/test_consent_phone.py). An offer may only loosen a node's policy with the
-         # operator's token, so these nodes run with policy 'none' for the browser to use it.
-         "--consent-policy", "none"],
+         "--host", "127.0.0.1", "--port", str(port), *extra],
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
@@ -174,8 +178,11 @@ def web_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def web_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Node]]:
     """A referring hospital's node and a trauma centre's node, each with staff accounts."""
     base = tmp_path_factory.mktemp("web-nodes")
-    sender = spawn(SENDER_NAME, base / "sender")
-    receiver = spawn(RECEIVER_NAME, base / "receiver")
+    # Staff flows are under test here; the patient's consent has its own browser tests
+    # (tests/e2e/test_consent_phone.py). An offer may only loosen a node's policy with the
+    # operator's token, so these nodes run with policy 'none' for the browser to use it.
+    sender = spawn(SENDER_NAME, base / "sender", "--consent-policy", "none")
+    receiver = spawn(RECEIVER_NAME, base / "receiver", "--consent-policy", "none")
     try:
         sender.add_user("tech", "sender")
         receiver.add_user("rad", "receiver")

@@ -11,12 +11,7 @@ arithmetic in the browser must match the node's thumbnails to within rounding.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import json
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,9 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from p2pshare.demo import free_port
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
 from p2pshare.viewer.decode import decode_frame, windowed
+from tests.web.conftest import Node, spawn, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -47,90 +42,9 @@ WAIT_S = 90  # a ceiling for a hung node, not a speed requirement
 
 
 @dataclass
-class Proc:
-    name: str
-    data_dir: Path
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def token(self) -> str:
-        return (self.data_dir / "api-token").read_text().strip()
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """One API call with the node's bearer token (the CLI's way in)."""
-        req = urllib.request.Request(
-            self.url + path,
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as res:
-                return res.status, json.loads(res.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-
-def _spawn(name: str, data_dir: Path) -> Proc:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - handed to the child process
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "p2pshare",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--name",
-            name,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],  # fmt: skip
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-    )
-    log.close()
-    node = Proc(name, data_dir, port, proc)
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError((data_dir / "serve.log").read_text()[-2000:])
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(node.url + "/api/v1/info", timeout=5) as res,
-        ):
-            if res.status == 200:
-                return node
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"node {name} did not start")
-        time.sleep(0.1)
-
-
-def _stop(node: Proc) -> None:
-    if node.proc.poll() is None:
-        node.proc.send_signal(signal.SIGTERM)
-        try:
-            node.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
-            node.proc.wait()
-
-
-@dataclass
 class Env:
-    sender: Proc
-    receiver: Proc
+    sender: Node
+    receiver: Node
     study: Path
     base: Path
 
@@ -167,35 +81,16 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("viewer")
     study = base / "study"
     generate_ct_study(study, seed=11, series=SERIES, birth_date=BIRTH_DATE)
-    sender = _spawn("Referring Hospital ED", base / "sender")
+    sender = spawn("Referring Hospital ED", base / "sender")
     try:
-        receiver = _spawn("Trauma Centre Radiology", base / "receiver")
+        receiver = spawn("Trauma Centre Radiology", base / "receiver")
         try:
-            add = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "p2pshare",
-                    "user",
-                    "add",
-                    STAFF,
-                    "--role",
-                    "receiver",
-                    "--password-stdin",
-                    "--data-dir",
-                    str(receiver.data_dir),
-                ],  # fmt: skip
-                input=STAFF_PASSWORD,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert add.returncode == 0, add.stderr
+            receiver.add_user(STAFF, "receiver", STAFF_PASSWORD)
             yield Env(sender, receiver, study, base)
         finally:
-            _stop(receiver)
+            stop(receiver)
     finally:
-        _stop(sender)
+        stop(sender)
 
 
 @pytest.fixture(scope="module")
