@@ -354,6 +354,7 @@ async def _reconnect(
     cfg, store, engine = app[config_key], app[store_key], app[engine_key]
     exc: P2PShareError = lost
     attempt = 0
+    held: Any = None  # re-hashed once, and again only after a connection that made progress
     while attempt < cfg.reconnect_attempts:
         attempt += 1
         resume = load_resume(store, job.id, engine.now())
@@ -363,7 +364,11 @@ async def _reconnect(
         job.emit("reconnecting", attempt=attempt, delay_s=delay, reason=exc.message)
         store.update_transfer(job.id, state="interrupted")
         await asyncio.sleep(delay)
-        resume = await _with_held(app, resume, job.id)
+        if held is None:
+            resume = await _with_held(app, resume, job.id)
+            held = resume.held
+        else:
+            resume = dataclasses.replace(resume, held=held)
         mark = job.events[-1]["seq"] if job.events else 0
         try:
             channel = await _open_resume(app, resume, http)
@@ -373,6 +378,7 @@ async def _reconnect(
             exc = again
             if any(e["event"] == "resuming" and e["seq"] > mark for e in job.events):
                 attempt = 0  # that connection made progress: a fresh budget for the next cut
+                held = None  # and more is held now
     raise exc
 
 

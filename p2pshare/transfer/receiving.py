@@ -200,7 +200,9 @@ class ReceiverRun:
             self.out_dir, self._staging_dir(), event.manifest, self._on_placed
         )
         if self.resume.held is not None and self.resume.manifest_digest:
-            have, prefix, placed = self.resume.held
+            have, held_prefix, placed = self.resume.held
+            # copies: the session extends them, and a failed attempt's caller may reuse these
+            prefix = {fi: h.copy() for fi, h in held_prefix.items()}
         else:
             have, prefix, placed = await asyncio.to_thread(self.staging.resume_state)
         self.staging.placed = placed
