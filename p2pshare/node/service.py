@@ -11,6 +11,7 @@ import logging
 import shutil
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from p2pshare.config import MAX_EXPIRY_S
 from p2pshare.dicom.header import parse_header
 from p2pshare.dicom.ingest import StudyScan, scan
 from p2pshare.discovery import discovery_key
-from p2pshare.errors import ConfigError, ConnectionLost, P2PShareError, TransferError
+from p2pshare.errors import ConfigError, ConnectionLost, P2PShareError
 from p2pshare.jobs import Job
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key
 from p2pshare.staging import held_chunks
@@ -441,24 +442,45 @@ async def resume_receive(app: web.Application, job_id: str) -> Job:
 
 async def _resume(app: web.Application, job: Job, resume: Resume, out: Path) -> None:
     cfg, engine = app[config_key], app[engine_key]
+
+    async def first(http: aiohttp.ClientSession) -> tuple[dict[str, Any], str]:
+        held = await _with_held(app, resume, job.id)
+        channel = await _open_resume(app, held, http)
+        bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
+        return await engine.receive(bounded, held, out, job), "direct"
+
+    await _drive_receive(app, job, out, first)
+
+
+class _InternalError(P2PShareError):
+    code = "internal"
+
+    def __init__(self) -> None:
+        super().__init__("internal error on the receiving node; see its log")
+
+
+async def _drive_receive(
+    app: web.Application,
+    job: Job,
+    out: Path,
+    first: Callable[[aiohttp.ClientSession], Awaitable[tuple[dict[str, Any], str]]],
+) -> None:
+    """Run a receive job's first connection, reconnect after a cut, and record how it ended."""
     try:
         async with aiohttp.ClientSession() as http:
             try:
-                resume = await _with_held(app, resume, job.id)
-                channel = await _open_resume(app, resume, http)
-                bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
-                receipt = await engine.receive(bounded, resume, out, job)
+                receipt, path = await first(http)
             except ConnectionLost as exc:
-                receipt = await _reconnect(app, job, out, http, exc)
-        _finish_receive(app, job, receipt, out, "direct")
+                receipt, path = await _reconnect(app, job, out, http, exc), "direct"
+        _finish_receive(app, job, receipt, out, path)
     except P2PShareError as exc:
         _receive_failed(app, job, exc)
     except asyncio.CancelledError:
         _receive_cancelled(app, job)
         raise
     except Exception as exc:
-        log.exception("resume of job %s failed unexpectedly", job.id[:8])
-        _receive_failed(app, job, TransferError(f"internal error ({type(exc).__name__})"))
+        log.exception("receive job %s failed unexpectedly (%s)", job.id[:8], type(exc).__name__)
+        _receive_failed(app, job, _InternalError())
 
 
 def _receive_cancelled(app: web.Application, job: Job) -> None:
@@ -544,35 +566,21 @@ async def _receive(
     targets: list[paths.Route],
     job: Job,
 ) -> None:
-    store, engine = app[store_key], app[engine_key]
-    try:
-        if not targets:  # a spoken code and no address: ask every node on the LAN
+    engine = app[engine_key]
+
+    async def first(http: aiohttp.ClientSession) -> tuple[dict[str, Any], str]:
+        routes = targets
+        if not routes:  # a spoken code and no address: ask every node on the LAN
             found = await app[discovery_key].wait_for_peers(paths.DISCOVERY_WAIT_S)
             job.emit("discovered", nodes=[d.to_json() for d in found])
-            targets = paths.lan_routes(found)
-            if not targets:
+            routes = paths.lan_routes(found)
+            if not routes:
                 raise ConfigError(
                     "no p2pshare node was found on this network, and a spoken code does not say "
                     "where the sender is: add --from HOST:PORT (the sender's node address)"
                 )
-        async with aiohttp.ClientSession() as http:
-            try:
-                receipt, route = await paths.receive_first(engine, targets, code, out, job, http)
-                path = route.kind
-            except ConnectionLost as exc:
-                receipt = await _reconnect(app, job, out, http, exc)
-                path = "direct"
-        _finish_receive(app, job, receipt, out, path)
-    except P2PShareError as exc:
-        _receive_failed(app, job, exc)
-    except asyncio.CancelledError:
-        _receive_cancelled(app, job)
-        raise
-    except Exception as exc:
-        log.exception("receive job %s failed unexpectedly", job.id[:8])
-        store.update_transfer(job.id, state="failed", error=type(exc).__name__)
-        job.finish(
-            "error",
-            code="internal",
-            message="internal error on the receiving node; see its log",
-        )
+        receipt, route = await paths.receive_first(engine, routes, code, out, job, http)
+        return receipt, route.kind
+
+    await _drive_receive(app, job, out, first)
+
