@@ -214,21 +214,21 @@ def _starts_like_dataset(head: bytes) -> bool:
 
 def _header(ds: Dataset, has_preamble: bool) -> Header:
     file_meta = getattr(ds, "file_meta", None) or Dataset()
-    if _uid_text(_get(file_meta, "MediaStorageSOPClassUID")) == MEDIA_STORAGE_DIRECTORY:
+    if _uid_text(element_value(file_meta, "MediaStorageSOPClassUID")) == MEDIA_STORAGE_DIRECTORY:
         raise DicomError(REASON_DICOMDIR)
     # Only a conformant file may lend its meta UIDs; a preamble-less one must carry its own.
     meta = file_meta if has_preamble else Dataset()
     uids: dict[str, str] = {}
     for keyword in _REQUIRED_UIDS:
-        value = _uid_text(_get(ds, keyword))
+        value = _uid_text(element_value(ds, keyword))
         if not value and keyword in _META_FALLBACK:
-            value = _uid_text(_get(meta, _META_FALLBACK[keyword]))
+            value = _uid_text(element_value(meta, _META_FALLBACK[keyword]))
         if not is_uid(value):
             if not has_preamble:
                 raise DicomError(REASON_NOT_DICOM)
             raise DicomError(f"missing {keyword}" if not value else f"invalid {keyword}")
         uids[keyword] = value
-    transfer_syntax = _uid_text(_get(file_meta, "TransferSyntaxUID"))
+    transfer_syntax = _uid_text(element_value(file_meta, "TransferSyntaxUID"))
     if not transfer_syntax:
         transfer_syntax = _guessed_transfer_syntax(ds)
     elif not is_uid(transfer_syntax):
@@ -239,15 +239,15 @@ def _header(ds: Dataset, has_preamble: bool) -> Header:
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
         transfer_syntax_uid=transfer_syntax,
-        modality=_text(ds, "Modality"),
-        series_description=_text(ds, "SeriesDescription"),
+        modality=element_text(ds, "Modality"),
+        series_description=element_text(ds, "SeriesDescription"),
         series_number=_number(ds, "SeriesNumber"),
         instance_number=_number(ds, "InstanceNumber"),
-        study_description=_text(ds, "StudyDescription"),
-        study_date=_text(ds, "StudyDate"),
-        accession_number=_text(ds, "AccessionNumber"),
+        study_description=element_text(ds, "StudyDescription"),
+        study_date=element_text(ds, "StudyDate"),
+        accession_number=element_text(ds, "AccessionNumber"),
         patient={
-            key: value for key, keyword in _PATIENT_FIELDS.items() if (value := _text(ds, keyword))
+            key: value for key, keyword in _PATIENT_FIELDS.items() if (value := element_text(ds, keyword))
         },
     )
 
@@ -262,9 +262,9 @@ def _guessed_transfer_syntax(ds: Dataset) -> str:
     return IMPLICIT_VR_LITTLE_ENDIAN
 
 
-def _get(ds: Dataset, keyword: str) -> Any:
+def element_value(ds: Dataset, keyword: str) -> Any:
     """An element's value, or None when it is absent or cannot be decoded (optional fields
-    must not cost the file its place in the study)."""
+    must not cost the file its place in the study, nor the image its display)."""
     try:
         return ds.get(keyword)
     except Exception:  # noqa: BLE001 - pydicom value conversion fails in many ways
@@ -277,8 +277,9 @@ def _uid_text(value: object) -> str:
     return str(value).strip(" \x00")
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = _get(ds, keyword)
+def element_text(ds: Dataset, keyword: str) -> str:
+    """An element as bounded, printable-ish text ("" when absent or undecodable)."""
+    value = element_value(ds, keyword)
     if value is None:
         return ""
     if isinstance(value, MultiValue | list):
@@ -287,7 +288,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _number(ds: Dataset, keyword: str) -> int | None:
-    value = _get(ds, keyword)
+    value = element_value(ds, keyword)
     if value is None or isinstance(value, MultiValue | list):
         return None
     try:

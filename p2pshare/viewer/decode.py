@@ -42,7 +42,7 @@ from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
-from p2pshare.dicom.header import quiet_pydicom
+from p2pshare.dicom.header import element_text, element_value, quiet_pydicom
 from p2pshare.errors import DicomError, InputError
 
 __all__ = [
@@ -77,7 +77,6 @@ _DEFER_BYTES = 64 * 1024
 _PATIENT = {"name": "PatientName", "id": "PatientID", "birth_date": "PatientBirthDate",
             "sex": "PatientSex"}  # fmt: skip
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
-_MAX_TEXT = 256
 
 _NO_IMAGE = (
     "this instance holds no image (a report, structured document or other non-image object); "
@@ -167,20 +166,20 @@ def read_info(path: Path) -> InstanceInfo:
             ds = dcmread(path, stop_before_pixels=True)
             meta = getattr(ds, "file_meta", None) or Dataset()
             return InstanceInfo(
-                sop_instance_uid=_text(ds, "SOPInstanceUID"),
-                series_instance_uid=_text(ds, "SeriesInstanceUID"),
+                sop_instance_uid=element_text(ds, "SOPInstanceUID"),
+                series_instance_uid=element_text(ds, "SeriesInstanceUID"),
                 instance_number=_int(ds, "InstanceNumber"),
                 series_number=_int(ds, "SeriesNumber"),
-                series_description=_text(ds, "SeriesDescription"),
-                modality=_text(ds, "Modality"),
+                series_description=element_text(ds, "SeriesDescription"),
+                modality=element_text(ds, "Modality"),
                 rows=_int(ds, "Rows") or 0,
                 columns=_int(ds, "Columns") or 0,
                 frames=max(1, _int(ds, "NumberOfFrames") or 1),
-                photometric=_text(ds, "PhotometricInterpretation").upper(),
-                transfer_syntax=_text(meta, "TransferSyntaxUID"),
-                study_description=_text(ds, "StudyDescription"),
-                study_date=_text(ds, "StudyDate"),
-                patient={k: v for k, kw in _PATIENT.items() if (v := _text(ds, kw))},
+                photometric=element_text(ds, "PhotometricInterpretation").upper(),
+                transfer_syntax=element_text(meta, "TransferSyntaxUID"),
+                study_description=element_text(ds, "StudyDescription"),
+                study_date=element_text(ds, "StudyDate"),
+                patient={k: v for k, kw in _PATIENT.items() if (v := element_text(ds, kw))},
             )
     except DicomError:
         raise
@@ -216,13 +215,13 @@ def decode_frame(path: Path, index: int = 0) -> Frame:
                 f"frame {index} does not exist: this image has {frames} frame(s), from 0"
             )
         meta = getattr(ds, "file_meta", None) or Dataset()
-        syntax = UID(_text(meta, "TransferSyntaxUID") or "1.2.840.10008.1.2")
+        syntax = UID(element_text(meta, "TransferSyntaxUID") or "1.2.840.10008.1.2")
         if syntax.is_compressed and not _decodable(syntax):
             raise DicomError(
                 f"this image's compression ({syntax.name}) is not supported by this node's "
                 f"viewer; the file itself arrived intact: open it in a PACS workstation"
             )
-        photometric = _text(ds, "PhotometricInterpretation").upper()
+        photometric = element_text(ds, "PhotometricInterpretation").upper()
         # A deflated file can only be inflated whole: then every frame counts.
         whole = syntax.is_deflated
         check_size(ds, frames if whole else 1)
@@ -252,7 +251,7 @@ def frame_bytes(ds: Dataset) -> int:
     rows = max(0, _int(ds, "Rows") or 0)
     columns = max(0, _int(ds, "Columns") or 0)
     samples = max(1, _int(ds, "SamplesPerPixel") or 1)
-    if _text(ds, "PhotometricInterpretation").upper() == "PALETTE COLOR":
+    if element_text(ds, "PhotometricInterpretation").upper() == "PALETTE COLOR":
         samples = max(samples, 3)
     bits = _int(ds, "BitsAllocated") or 16
     if "FloatPixelData" in ds:
@@ -411,22 +410,6 @@ def thumbnail_png(frame: Frame, size: int = THUMBNAIL_PX) -> bytes:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _get(ds: Dataset, keyword: str) -> Any:
-    try:
-        return ds.get(keyword)
-    except Exception:  # noqa: BLE001 - a malformed optional value must not cost the image
-        return None
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = _get(ds, keyword)
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list):
-        value = "\\".join(str(v) for v in value)
-    return str(value).replace("\x00", "").strip()[:_MAX_TEXT]
-
-
 def _first(value: Any) -> Any:
     if isinstance(value, MultiValue | list):
         return value[0] if len(value) else None
@@ -434,7 +417,7 @@ def _first(value: Any) -> Any:
 
 
 def _first_float(ds: Dataset, keyword: str) -> float | None:
-    value = _first(_get(ds, keyword))
+    value = _first(element_value(ds, keyword))
     try:
         number = float(value) if value is not None and value != "" else None
     except (TypeError, ValueError):
@@ -448,7 +431,7 @@ def _float(ds: Dataset, keyword: str, default: float) -> float:
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
-    value = _first(_get(ds, keyword))
+    value = _first(element_value(ds, keyword))
     try:
         number = int(float(value)) if value is not None and value != "" else None
     except (TypeError, ValueError, OverflowError):
