@@ -135,9 +135,10 @@ async def two_nodes(
     sender_name: str = "Referring Hospital ED (demo)",
     receiver_name: str = "Trauma Centre Radiology (demo)",
     receiver_args: Sequence[str] = (),
+    sender_args: Sequence[str] = (),
 ) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
     """A referring hospital's node and a trauma centre's node, stopped on exit."""
-    sender = await spawn_node(sender_name, workdir / "referring-node")
+    sender = await spawn_node(sender_name, workdir / "referring-node", extra_args=sender_args)
     try:
         receiver = await spawn_node(
             receiver_name, workdir / "trauma-node", extra_args=receiver_args

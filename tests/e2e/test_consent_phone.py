@@ -52,19 +52,6 @@ async def browser() -> AsyncIterator[Browser]:
             await b.close()
 
 
-@pytest.fixture
-async def nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
-    sender = await spawn_node("Referring Hospital ED", tmp_path / "referring")
-    try:
-        receiver = await spawn_node("Trauma Centre Radiology", tmp_path / "trauma")
-        try:
-            yield sender, receiver
-        finally:
-            await stop_node(receiver)
-    finally:
-        await stop_node(sender)
-
-
 async def follow(api: NodeClient, job: str, sink: list[dict[str, Any]]) -> None:
     async for e in api.events(job):
         sink.append(e)

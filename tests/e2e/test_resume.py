@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 
 from p2pshare.client import NodeClient
-from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes
+from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes, two_nodes
 from p2pshare.dicom.ingest import scan
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
-from tests.e2e.conftest import Cli
+from tests.e2e.conftest import NAMES, Cli
 from tests.e2e.proxy import CUT, Attack, HoldProxy, MitmProxy, chunk_header
 
 pytestmark = pytest.mark.e2e
@@ -47,15 +47,8 @@ def resume_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
-    sender = await spawn_node("Referring Hospital ED", tmp_path / "ref", extra_args=FAST)
-    try:
-        receiver = await spawn_node("Trauma Centre Radiology", tmp_path / "tc", extra_args=FAST)
-        try:
-            yield sender, receiver
-        finally:
-            await stop_node(receiver)
-    finally:
-        await stop_node(sender)
+    async with two_nodes(tmp_path, *NAMES, sender_args=FAST, receiver_args=FAST) as nodes:
+        yield nodes
 
 
 async def events_of(api: NodeClient, job: str, timeout: float = 60) -> list[dict[str, Any]]:
