@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from p2pshare import digest as file_digest
 from p2pshare.dicom.header import Header, parse_header
 from p2pshare.dicom.ingest import scan
 from p2pshare.errors import DicomError, InputError
@@ -160,24 +161,24 @@ class Library:
         return self.store_stream(io.BytesIO(data), source, complete=complete)
 
     def store_stream(
-        self, fp: BinaryIO, source: str, *, complete: bool = False, sha256: str | None = None
+        self, fp: BinaryIO, source: str, *, complete: bool = False, digest: str | None = None
     ) -> Stored:
         """Copy one DICOM file from ``fp`` into the library (atomically, flushed to disk).
 
-        ``sha256``, when given, is what the bytes must hash to (the scan saw them so); a file
+        ``digest``, when given, is the BLAKE3 the bytes must hash to (the scan saw them so); a file
         that changed in between is refused rather than stored with unverified content.
         """
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}")
         self.check_space(READ_SIZE)
         with self._temp_file() as (tmp, out):
-            digest = hashlib.sha256()
+            hasher = file_digest.hasher()
             while block := fp.read(READ_SIZE):
                 self.check_space(len(block))
-                digest.update(block)
+                hasher.update(block)
                 out.write(block)
             out.flush()
-            if sha256 is not None and digest.hexdigest() != sha256:
+            if digest is not None and hasher.hexdigest() != digest:
                 raise DicomError("the file changed while it was being imported")
             out.seek(0)
             header = parse_header(out)
@@ -316,7 +317,7 @@ class Library:
             for inst, src in zip(m.instances, study.sources, strict=True):
                 try:
                     with src.open() as fp:
-                        stored = self.store_stream(fp, "import", sha256=inst.sha256)
+                        stored = self.store_stream(fp, "import", digest=inst.digest)
                 except (DicomError, InputError) as exc:
                     skipped.append({"name": _shown(src.path, src.member), "reason": exc.message})
                     continue

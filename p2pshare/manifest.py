@@ -17,12 +17,12 @@ from typing import Any
 
 from p2pshare.errors import ManifestError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 #: DICOM PS3.5 §9.1: digits and dots, components without leading zeros, at most 64 characters.
 #: Always use ``fullmatch``: with ``match``, ``$`` also matches before a trailing newline.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 MAX_INSTANCES = 100_000
 MAX_FILE_BYTES = 4 * 1024**3  # a single DICOM instance larger than 4 GiB is not plausible
@@ -57,7 +57,8 @@ class Instance:
     series_instance_uid: str
     transfer_syntax_uid: str
     size: int
-    sha256: str
+    #: BLAKE3-256 of the file, hex (see p2pshare.digest)
+    digest: str
     instance_number: int | None = None
 
     def relpath(self, study_uid: str) -> str:
@@ -138,7 +139,7 @@ class Manifest:
                     "series_instance_uid": i.series_instance_uid,
                     "transfer_syntax_uid": i.transfer_syntax_uid,
                     "size": i.size,
-                    "sha256": i.sha256,
+                    "blake3": i.digest,
                     "instance_number": i.instance_number,
                 }
                 for i in self.instances
@@ -193,7 +194,12 @@ class Manifest:
     def from_dict(cls, raw: object) -> Manifest:
         """Parse and bound a manifest from the peer. Raises ManifestError on anything odd."""
         d = _obj(raw, "manifest")
-        version = _int(d.get("version"), "version", 1, 1)
+        version = d.get("version")
+        if isinstance(version, bool) or version != MANIFEST_VERSION:
+            raise ManifestError(
+                f"it is manifest version {str(version)[:8]}, and this node reads version "
+                f"{MANIFEST_VERSION}: both nodes need a p2pshare release of the same manifest version"
+            )
         chunk_size = _int(d.get("chunk_size"), "chunk_size", MIN_CHUNK, MAX_CHUNK)
         study_uid = _uid(d.get("study_instance_uid"), "study_instance_uid")
         patient_raw = _obj(d.get("patient", {}), "patient")
@@ -223,9 +229,9 @@ class Manifest:
             if sop in seen:
                 raise ManifestError(f"instance {sop} is listed twice")
             seen.add(sop)
-            sha = e.get("sha256")
-            if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-                raise ManifestError(f"instance {sop} has no valid SHA-256")
+            sha = e.get("blake3")
+            if not isinstance(sha, str) or not _DIGEST_RE.fullmatch(sha):
+                raise ManifestError(f"instance {sop} has no valid BLAKE3 digest")
             instances.append(
                 Instance(
                     sop_instance_uid=sop,
@@ -233,7 +239,7 @@ class Manifest:
                     series_instance_uid=_uid(e.get("series_instance_uid"), "series_instance_uid"),
                     transfer_syntax_uid=_uid(e.get("transfer_syntax_uid"), "transfer_syntax_uid"),
                     size=_int(e.get("size"), f"size of {sop}", 1, MAX_FILE_BYTES),
-                    sha256=sha,
+                    digest=sha,
                     instance_number=_opt_int(e.get("instance_number"), "instance_number"),
                 )
             )

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import os
 import shutil
 from collections import deque
@@ -37,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+from p2pshare import digest as file_digest
 from p2pshare.dicom.verify import read_identity_of_verified
 from p2pshare.errors import DicomError, TransferError
 from p2pshare.manifest import Manifest
@@ -46,14 +46,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 #: Placed instances: readable by the node's group (e.g. a PACS import service), nobody else.
 PLACED_MODE = 0o640
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def syncfs(path: Path) -> None:
@@ -251,7 +243,7 @@ class Staging:
             # A link, not a rename: it never replaces a file already there.
             os.link(part, final)
         except FileExistsError:
-            same = _sha256(final) == inst.sha256
+            same = file_digest.of_file(final) == inst.digest
             part.unlink()
             if not same:
                 return (
@@ -296,7 +288,7 @@ def held_chunks(
     out_dir: Path, staging_dir: Path, m: Manifest
 ) -> tuple[dict[int, int], dict[int, Any], int]:
     """What an earlier connection left (slow: run it in a thread, before reconnecting): chunks
-    held per file, a SHA-256 over the held part of each partial file, and how many instances
+    held per file, a BLAKE3 hasher over the held part of each partial file, and how many instances
     are already placed.
 
     A placed instance is checked against the manifest's hash once more; a staged part counts
@@ -309,7 +301,11 @@ def held_chunks(
     placed = 0
     for fi, inst in enumerate(m.instances):
         final = out_dir / inst.relpath(m.study_instance_uid)
-        if final.is_file() and final.stat().st_size == inst.size and _sha256(final) == inst.sha256:
+        if (
+            final.is_file()
+            and final.stat().st_size == inst.size
+            and file_digest.of_file(final) == inst.digest
+        ):
             have[fi] = m.chunk_count(fi)
             placed += 1
             continue
@@ -323,7 +319,7 @@ def held_chunks(
             part.unlink(missing_ok=True)
             continue
         held = n * m.chunk_size
-        h = hashlib.sha256()
+        h = file_digest.hasher()
         with open(part, "r+b") as fh:
             fh.truncate(held)
             while block := fh.read(1 << 20):

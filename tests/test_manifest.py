@@ -38,7 +38,7 @@ def _inst(n: int, size: int = 10_000, series: str = SERIES) -> Instance:
         series_instance_uid=series,
         transfer_syntax_uid=EXPLICIT_LE,
         size=size,
-        sha256=hashlib.sha256(str(n).encode()).hexdigest(),
+        digest=hashlib.sha256(str(n).encode()).hexdigest(),
         instance_number=n,
     )
 
@@ -102,10 +102,10 @@ def test_to_dict_has_exactly_the_documented_fields():
         "series_instance_uid",
         "transfer_syntax_uid",
         "size",
-        "sha256",
+        "blake3",
         "instance_number",
     }
-    assert d["version"] == 1
+    assert d["version"] == 2
 
 
 def test_patient_order_does_not_change_the_bytes():
@@ -135,7 +135,7 @@ def manifests(draw) -> Manifest:
             series_instance_uid=draw(st.sampled_from(series_uids)),
             transfer_syntax_uid=draw(uids),
             size=draw(st.integers(1, MAX_FILE_BYTES)),
-            sha256=draw(sha),
+            digest=draw(sha),
             instance_number=draw(opt_int),
         )
         for sop in sops
@@ -278,7 +278,9 @@ def test_too_many_instances_are_refused_before_looking_at_them():
 @pytest.mark.parametrize(
     "changes, fragment",
     [
-        ({"version": 2}, "version"),
+        ({"version": 1}, "reads version 2"),
+        ({"version": 3}, "version"),
+        ({"version": True}, "version"),
         ({"version": "1"}, "version"),
         ({"chunk_size": MIN_CHUNK - 1}, "chunk_size"),
         ({"chunk_size": MAX_CHUNK + 1}, "chunk_size"),
@@ -303,8 +305,8 @@ def test_malformed_fields_are_refused(changes, fragment):
 @pytest.mark.parametrize(
     "sha", ["", "0" * 63, "0" * 65, "A" * 64, "g" * 64, None, 1, "0" * 64 + "\n"]
 )
-def test_invalid_sha256_is_refused(sha):
-    _refused(_with_instance(sha256=sha), "SHA-256")
+def test_invalid_digest_is_refused(sha):
+    _refused(_with_instance(blake3=sha), "BLAKE3")
 
 
 def test_instance_number_bounds():

@@ -7,11 +7,10 @@ resume lists, and checks the properties the viewer and the receiver rely on.
 
 from __future__ import annotations
 
-import hashlib
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pshare import digest as file_digest
 from p2pshare.manifest import Instance, Manifest, Series
 from p2pshare.protocol.session import file_order, transfer_plan
 
@@ -37,7 +36,7 @@ def _manifest(
                 series_instance_uid=s,
                 transfer_syntax_uid=ELE,
                 size=size,
-                sha256=hashlib.sha256(str(i).encode()).hexdigest(),
+                digest=file_digest.of_bytes(str(i).encode()),
                 instance_number=n,
             )
             for i, (s, n, size) in enumerate(instances)

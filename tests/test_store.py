@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 
 from p2pshare import crypto
+from p2pshare import digest as file_digest
 from p2pshare.errors import PeerKeyChanged
 from p2pshare.manifest import Instance, Manifest, Series
 from p2pshare.store import MAX_FAILED_ATTEMPTS, Offer, Store
@@ -39,7 +39,7 @@ def manifest(n: int = 2) -> Manifest:
                 series_instance_uid=SERIES,
                 transfer_syntax_uid="1.2.840.10008.1.2.1",
                 size=1000 + i,
-                sha256=hashlib.sha256(bytes([i])).hexdigest(),
+                digest=file_digest.of_bytes(bytes([i])),
                 instance_number=i + 1,
             )
             for i in range(n)

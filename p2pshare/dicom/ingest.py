@@ -7,7 +7,7 @@ must turn that into one clean, verifiable list per study without ever crashing o
 everything it cannot use becomes a :class:`Skipped` entry with a plain-words reason, so the
 person at the keyboard can see why "412 of 415 files" are offered.
 
-Files are moved byte for byte, never re-encoded: the manifest records the size and SHA-256 of
+Files are moved byte for byte, never re-encoded: the manifest records the size and BLAKE3 digest of
 each whole file as it is on disk (or in the zip), and where it came from (:class:`Source`) so
 the transfer can stream the same bytes later. Only the header is parsed (by
 :mod:`p2pshare.dicom.header`), and the file is hashed in 1 MiB reads, so memory stays flat
@@ -17,7 +17,6 @@ named after the patient): this module logs UIDs and counts only.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from p2pshare import digest as file_digest
 from p2pshare.dicom.header import REASON_DICOMDIR, REASON_EMPTY, Header, parse_header, quiet_pydicom
 from p2pshare.errors import ConfigError, DicomError, InputError, StudyChoiceError
 from p2pshare.manifest import (
@@ -205,7 +205,7 @@ def _check_limits(m: Manifest) -> None:
 class _Found:
     header: Header
     size: int
-    sha256: str
+    digest: str
     source: Source
 
 
@@ -270,9 +270,9 @@ def scan(path: str | Path, *, chunk_size: int = 1024 * 1024) -> ScanReport:
                 sop = result.header.sop_instance_uid
                 previous = seen.get(sop)
                 if previous is None:
-                    seen[sop] = (result.size, result.sha256)
+                    seen[sop] = (result.size, result.digest)
                     found.append(result)
-                elif previous == (result.size, result.sha256):
+                elif previous == (result.size, result.digest):
                     duplicates += 1
                 else:
                     skipped.append(
@@ -312,7 +312,7 @@ def _inspect(item: _Candidate) -> _Found | Skipped:
             except DicomError as exc:
                 return Skipped(item.name, exc.message)
             fp.seek(0)
-            size, digest = _hash(fp)
+            size, digest = file_digest.of_stream(fp)
     except OSError as exc:
         return Skipped(item.name, f"unreadable: {(exc.strerror or 'read error').lower()}")
     except zipfile.BadZipFile:
@@ -328,15 +328,6 @@ def _inspect(item: _Candidate) -> _Found | Skipped:
     if size > MAX_FILE_BYTES:
         return Skipped(item.name, REASON_TOO_LARGE)
     return _Found(header, size, digest, item.source)
-
-
-def _hash(fp: BinaryIO) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    while data := fp.read(READ_SIZE):
-        digest.update(data)
-        size += len(data)
-    return size, digest.hexdigest()
 
 
 def _file_candidate(path: Path, name: str, size: int) -> _Candidate | Skipped:
@@ -466,7 +457,7 @@ def _build_studies(found: list[_Found], chunk_size: int) -> list[StudyScan]:
                     series_instance_uid=f.header.series_instance_uid,
                     transfer_syntax_uid=f.header.transfer_syntax_uid,
                     size=f.size,
-                    sha256=f.sha256,
+                    digest=f.digest,
                     instance_number=f.header.instance_number,
                 )
                 for f in items

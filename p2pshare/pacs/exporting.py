@@ -1,7 +1,7 @@
 """One export of a received study to the local PACS, from the check to the record.
 
 1. **Complete?** The transfer must have ended with a signed receipt, and every instance of its
-   signed manifest must be in place with the size and SHA-256 the manifest names. Nothing is
+   signed manifest must be in place with the size and digest (BLAKE3) the manifest names. Nothing is
    guessed from timers; a study with one instance missing or changed is not exported at all.
 2. **Reconcile** each instance into a private working copy (:mod:`p2pshare.pacs.reconcile`);
    the received originals are only read.
@@ -16,7 +16,6 @@ Progress goes to the export's job (``/api/v1/jobs/{id}/events``) as ``progress``
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from p2pshare import digest as file_digest
 from p2pshare.dicom.header import parse_header
 from p2pshare.errors import DicomError, InputError, P2PShareError
 from p2pshare.jobs import Job
@@ -40,7 +40,6 @@ __all__ = ["ExportRequest", "Exports", "run_export"]
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1024 * 1024
 SHOW_FAILED = 20
 
 
@@ -118,7 +117,7 @@ def check_complete(received: Received, transfer_job: str) -> list[tuple[Path, An
     bad = 0
     for inst in m.instances:
         path = received.out_dir / inst.relpath(m.study_instance_uid)
-        if not _matches(path, inst.size, inst.sha256):
+        if not _matches(path, inst.size, inst.digest):
             bad += 1
             continue
         found.append((path, inst))
@@ -130,17 +129,11 @@ def check_complete(received: Received, transfer_job: str) -> list[tuple[Path, An
     return found
 
 
-def _matches(path: Path, size: int, sha256: str) -> bool:
+def _matches(path: Path, size: int, digest: str) -> bool:
     try:
-        if path.stat().st_size != size:
-            return False
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(READ_SIZE):
-                digest.update(block)
+        return path.stat().st_size == size and file_digest.of_file(path) == digest
     except OSError:
         return False
-    return digest.hexdigest() == sha256
 
 
 def _foreign_identity(path: Path, peer_name: str) -> Identity:

@@ -95,7 +95,7 @@ class Chunk(Event):
 
 @dataclass(frozen=True)
 class FileVerified(Event):
-    """Receiver: every chunk of the file arrived and its SHA-256 matches the manifest."""
+    """Receiver: every chunk of the file arrived and its digest (BLAKE3) matches the manifest."""
 
     file_index: int
 

@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Any
 
 from p2pshare import crypto
+from p2pshare import digest as file_digest
 from p2pshare.errors import CryptoError, ManifestError, RemoteProtocolError
 from p2pshare.manifest import Manifest
 from p2pshare.protocol import consent
@@ -138,7 +139,7 @@ class ReceiverSession(Session):
         """Accept the manifest.
 
         ``have``: file index → chunks already held (resuming). A whole file counts as verified;
-        for a partial one, ``prefix_hashes[fi]`` is a SHA-256 object over the chunks held, so the
+        for a partial one, ``prefix_hashes[fi]`` is a BLAKE3 hasher over the chunks held, so the
         file is still verified whole when its last chunk arrives.
         """
         require(self.state is ReceiverState.AWAIT_DECISION, f"accept in state {self.state}")
@@ -397,7 +398,7 @@ class ReceiverSession(Session):
             )
         self._plan.popleft()
         if eci == 0:
-            self._hash = hashlib.sha256()
+            self._hash = file_digest.hasher()
         elif self._hash is None:  # the first chunk of a file resumed part-way
             self._hash = self._prefix.pop(efi)
         self._hash.update(data)
@@ -406,11 +407,11 @@ class ReceiverSession(Session):
         if self._stored % self._ack_every == 0 or not self._plan:
             self._seal(Inner.ACK, dump_json({"chunks": self._stored}))
         if last:
-            if self._hash.hexdigest() == self.manifest.instances[efi].sha256:
+            if self._hash.hexdigest() == self.manifest.instances[efi].digest:
                 self.verified.add(efi)
                 self._events.append(ev.FileVerified(efi))
             else:
-                reason = f"{self._file(efi)} does not match the SHA-256 in the signed manifest"
+                reason = f"{self._file(efi)} does not match its digest in the signed manifest"
                 self.rejected[efi] = reason
                 self._events.append(ev.FileRejected(efi, reason))
             self._hash = None

@@ -5,7 +5,7 @@ One loop per connection, the same shape on both sides::
     bytes in → session.receive_data → session.next_event → act (store, disk, jobs) → bytes out
 
 The sender additionally fills the session's window with chunks read from the study's sources.
-The receiver writes chunks to a private staging folder, and only after a file's SHA-256 matched
+The receiver writes chunks to a private staging folder, and only after a file's digest (BLAKE3) matched
 the signed manifest (and its DICOM header names the instance the manifest promised) is it synced
 and renamed into place. Nothing unverified is ever moved to the destination or reported
 complete; the receipt is signed only when every instance is in place.

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from pydicom.fileset import FileSet
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ImplicitVRLittleEndian
 
+from p2pshare import digest as file_digest
 from p2pshare.dicom.ingest import ScanReport, Skipped, Source, scan
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
 from p2pshare.errors import ConfigError, InputError, StudyChoiceError
@@ -34,8 +34,8 @@ def make_study(folder: Path, seed: int = 1, patient_id: str = "P-1", **kw: objec
     return generate_ct_study(folder, seed=seed, series=SMALL, patient_id=patient_id, **kw)  # type: ignore[arg-type]
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def digest(path: Path) -> str:
+    return file_digest.of_file(path)
 
 
 def bundled(name: str) -> Path:
@@ -85,7 +85,7 @@ def test_folder_scan_finds_every_instance_with_size_hash_and_header_fields(tmp_p
         path = Path(source.path)
         assert source.member is None and path.is_absolute()
         assert inst.size == path.stat().st_size
-        assert inst.sha256 == sha256(path)
+        assert inst.digest == digest(path)
         ds = dcmread(path, stop_before_pixels=True)
         assert inst.sop_instance_uid == ds.SOPInstanceUID
         assert inst.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
@@ -182,7 +182,7 @@ def test_files_without_preamble_are_accepted_only_with_their_uids(tmp_path: Path
     by_sop = {i.sop_instance_uid: i for i in m.instances}
     bare = by_sop[str(dcmread(src[0]).SOPInstanceUID)]
     assert bare.transfer_syntax_uid == "1.2.840.10008.1.2"
-    assert bare.sha256 == sha256(root / "bare")
+    assert bare.digest == digest(root / "bare")
     cut = by_sop[str(dcmread(src[1]).SOPInstanceUID)]
     assert cut.transfer_syntax_uid == "1.2.840.10008.1.2.1"
     assert cut.size == src[1].stat().st_size - 132
@@ -220,7 +220,7 @@ def test_identical_duplicates_are_counted_and_conflicting_ones_skipped(tmp_path:
     assert conflict.category == "conflicting duplicate"
     assert str(dcmread(files[2]).SOPInstanceUID) in conflict.reason
     kept = next(i for i in m.instances if i.sop_instance_uid == dcmread(files[2]).SOPInstanceUID)
-    assert kept.sha256 == sha256(files[2])
+    assert kept.digest == digest(files[2])
     assert report.reasons() == {"conflicting duplicate": 1}
 
 
@@ -252,7 +252,7 @@ def test_zip_with_nested_folders_matches_the_folder_scan(tmp_path: Path) -> None
         with source.open() as fp:
             data = fp.read()
         assert len(data) == inst.size
-        assert hashlib.sha256(data).hexdigest() == inst.sha256
+        assert file_digest.of_bytes(data) == inst.digest
         # Persisting the source in SQLite and reading it back gives the same bytes.
         restored = Source.from_json(json.loads(json.dumps(source.to_json())))
         assert restored == source
@@ -419,7 +419,7 @@ def test_hashing_streams_the_file_in_bounded_memory(tmp_path: Path) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert report.study(None).manifest.instances[0].sha256 == sha256(big)
+    assert report.study(None).manifest.instances[0].digest == digest(big)
     assert peak < 4 * 1024 * 1024
 
 
@@ -471,7 +471,7 @@ def test_bundled_files_keep_their_transfer_syntax_and_bytes(
     (inst,) = study.manifest.instances
     assert inst.transfer_syntax_uid == transfer_syntax
     assert inst.size == original.stat().st_size
-    assert inst.sha256 == sha256(original)
+    assert inst.digest == digest(original)
     ds = dcmread(original, force=True, stop_before_pixels=True)
     assert inst.sop_instance_uid == ds.SOPInstanceUID
     assert study.manifest.study_instance_uid == ds.StudyInstanceUID

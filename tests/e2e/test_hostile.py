@@ -30,6 +30,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from p2pshare import codes, crypto
+from p2pshare import digest as file_digest
 from p2pshare.client import NodeClient
 from p2pshare.demo import NodeProc, tree_hashes, two_nodes
 from p2pshare.dicom.ingest import scan
@@ -566,14 +567,14 @@ LIES = {
         rf"the peer sent a {MAX_FRAME + 1}-byte frame, larger than the {MAX_FRAME}-byte limit",
         placed=(0,),
     ),
-    "content-differs-from-manifest-sha256": LieCase(
+    "content-differs-from-manifest-digest": LieCase(
         lambda g: Lie(
             g.manifest,
             [g.files[0], g.files[1][:-1] + bytes([g.files[1][-1] ^ 0x01]), g.files[2]],
         ),
         "integrity",
         r"1 of 3 instances failed verification and were not kept \(first: instance {uid} does "
-        r"not match the SHA-256 in the signed manifest\)\. Ask the sender to offer the study "
+        r"not match its digest in the signed manifest\)\. Ask the sender to offer the study "
         r"again",
         placed=(0, 2),
     ),
@@ -664,12 +665,12 @@ async def test_lying_sender_is_refused_and_nothing_is_kept(
     assert not any("evil" in p.name for p in all_paths(tmp_path))
     # exactly the honestly verified instances were placed, each intact
     placed = {
-        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        p.relative_to(out).as_posix(): file_digest.of_bytes(p.read_bytes())
         for p in all_paths(out)
         if p.is_file() and ".p2pshare-partial" not in p.relative_to(out).parts
     }
     expected = {
-        claimed.instances[i].relpath(claimed.study_instance_uid): claimed.instances[i].sha256
+        claimed.instances[i].relpath(claimed.study_instance_uid): claimed.instances[i].digest
         for i in case.placed
     }
     assert placed == expected

@@ -12,7 +12,6 @@ proxy itself is faithful, and that the stream it saw was ciphertext only.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import pydicom
 import pytest
 import pytest_asyncio
 
+from p2pshare import digest as file_digest
 from p2pshare.client import NodeClient
 from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes, two_nodes
 from p2pshare.dicom.ingest import scan
@@ -89,8 +89,8 @@ def manifest_of(study: Path, chunk_size: int = 1024 * 1024) -> Manifest:
     return scan(study, chunk_size=chunk_size).study(None).manifest
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def digest(path: Path) -> str:
+    return file_digest.of_file(path)
 
 
 def destination_files(out: Path) -> list[Path]:
@@ -111,7 +111,7 @@ def assert_only_verified(out: Path, manifest: Manifest, expected_placed: int) ->
     for f in files:
         assert f.suffix == ".dcm", f"{f} is not a verified instance (a staged .part escaped?)"
         assert f in by_path, f"{f} is not named after an instance of the manifest"
-        assert sha256(f) == by_path[f].sha256, f"{f} differs from the original"
+        assert digest(f) == by_path[f].digest, f"{f} differs from the original"
     assert len(files) < len(manifest.instances)
     placed = {f.relative_to(out).as_posix() for f in files}
     expected = {
@@ -234,7 +234,7 @@ def _secrets(study: Path, manifest: Manifest) -> dict[str, bytes]:
     """What must never cross the wire in clear, read from the original files."""
     first = manifest.instances[0]
     first_path = next(
-        p for p in study.rglob("*.dcm") if sha256(p) == first.sha256
+        p for p in study.rglob("*.dcm") if digest(p) == first.digest
     )  # the manifest's first file
     ds = pydicom.dcmread(first_path)
     assert str(ds.PatientName) == PATIENT_NAME and ds.PatientID == PATIENT_ID

@@ -7,12 +7,12 @@ flip, drop and reorder the bytes between the two sessions at will.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p2pshare import crypto
+from p2pshare import digest as file_digest
 from p2pshare.errors import RemoteProtocolError
 from p2pshare.manifest import Instance, Manifest, Series
 from p2pshare.protocol import consent
@@ -62,7 +62,7 @@ def make_manifest(files: list[bytes], chunk_size: int = 4096) -> Manifest:
                 series_instance_uid=SERIES,
                 transfer_syntax_uid="1.2.840.10008.1.2.1",
                 size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
+                digest=file_digest.of_bytes(data),
                 instance_number=numbers[i],
             )
             for i, data in enumerate(files)

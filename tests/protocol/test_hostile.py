@@ -479,7 +479,7 @@ def test_contents_that_do_not_match_the_manifest_are_rejected_not_verified():
     out = run(sender, receiver, corrupt, MANIFEST)
     assert out.receiver_error is None  # every chunk authentic: the sender's file is wrong
     assert set(out.rejected) == {1}
-    assert UID[1] in out.rejected[1] and "SHA-256" in out.rejected[1]
+    assert UID[1] in out.rejected[1] and "digest in the signed manifest" in out.rejected[1]
     assert out.verified == [0, 2]
     assert_file_not_verified(out, receiver, 1)
     assert out.receipt is None
@@ -561,11 +561,12 @@ LIES = {
     "float-size": (("instances", 0, "size"), 10000.0),
     "string-size": (("instances", 0, "size"), "10000"),
     "bool-size": (("instances", 0, "size"), True),
-    "bad-sha": (("instances", 0, "sha256"), "ABC"),
-    "upper-sha": (("instances", 0, "sha256"), "A" * 64),
+    "bad-sha": (("instances", 0, "blake3"), "ABC"),
+    "upper-sha": (("instances", 0, "blake3"), "A" * 64),
     "chunk-size-tiny": (("chunk_size",), 1),
     "chunk-size-huge": (("chunk_size",), 2**30),
-    "version-2": (("version",), 2),
+    "version-1": (("version",), 1),
+    "version-3": (("version",), 3),
     "no-instances": (("instances",), []),
     "instances-not-list": (("instances",), {"0": {}}),
     "long-text": (("study_description",), "x" * 257),
@@ -606,7 +607,7 @@ def test_study_larger_than_any_study_is_refused():
         ).encode(),
         MANIFEST.to_bytes() + b" ",
         MANIFEST.to_bytes()[:-1] + b',"evil":"x"}',
-        MANIFEST.to_bytes()[:-1] + b',"version":1}',  # duplicate key
+        MANIFEST.to_bytes()[:-1] + b',"version":2}',  # duplicate key
     ],
     ids=["indented", "key-order", "trailing-space", "unknown-key", "duplicate-key"],
 )

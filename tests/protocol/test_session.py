@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pshare import codes, crypto
+from p2pshare import digest as file_digest
 from p2pshare.errors import LocalProtocolError, RemoteProtocolError
 from p2pshare.manifest import Manifest
 from p2pshare.protocol import events as ev
@@ -287,7 +288,7 @@ def _resume_with(have, prefix):
 
 def test_a_partial_file_resumes_at_its_next_chunk_and_is_still_verified_whole():
     have = {0: 3, 1: 1}
-    out, receiver = _resume_with(have, {1: hashlib.sha256(FILES[1][:4096])})
+    out, receiver = _resume_with(have, {1: file_digest.hasher(FILES[1][:4096])})
     assert out.receipt is not None
     assert len(chunk_frames(out.wire_s2r)) == 9 - 4  # only what was missing was sent
     assert sorted(receiver.verified) == [0, 1, 2]
@@ -295,7 +296,7 @@ def test_a_partial_file_resumes_at_its_next_chunk_and_is_still_verified_whole():
 
 
 def test_a_resumed_file_whose_held_part_differs_is_rejected():
-    out, receiver = _resume_with({1: 1}, {1: hashlib.sha256(b"not what was sent")})
+    out, receiver = _resume_with({1: 1}, {1: file_digest.hasher(b"not what was sent")})
     assert 1 in out.rejected and out.receipt is None
 
 
