@@ -1,10 +1,15 @@
 """The receiver's disk side: stage chunks, and move a file into place only once it is verified.
 
-All disk work for one transfer runs off the event loop, so the loop keeps reading and decrypting
-while earlier chunks are written (file writes, hashing and libsodium release the GIL):
+All per-byte work for one transfer runs off the event loop, so the loop keeps reading the network
+while earlier chunks are opened, hashed and written (OpenSSL, BLAKE3 and file writes release the
+GIL):
 
-* a **write thread** appends chunks, in order, to ``<staging>/<index>.part``;
-* a **commit thread** takes every file whose hash has matched since its last round, makes their
+* two **write threads** take alternate files. For each chunk, in order, a write thread opens
+  (decrypts and authenticates) it, feeds it to the file's hasher, reads the file's identifying
+  UIDs from the first chunk while it is in memory, and appends it to ``<staging>/<index>.part``;
+  when a file's last chunk is written its digest goes back to the protocol session, which
+  decides whether the file is verified;
+* a **commit thread** takes every file verified since its last round, makes their
   data durable with one ``syncfs`` for the whole batch, checks that each file's DICOM header
   names the instance and study the manifest promised, and links it to
   ``<out>/<study UID>/<series UID>/<SOP UID>.dcm``: never over a file already there (the same
@@ -37,11 +42,25 @@ from pathlib import Path
 from typing import IO, Any
 
 from p2pshare import digest as file_digest
-from p2pshare.dicom.verify import read_identity_of_verified
-from p2pshare.errors import DicomError, TransferError
+from p2pshare.dicom.verify import Identity, identity_from_head, read_identity_of_verified
+from p2pshare.errors import CryptoError, DicomError, TransferError
 from p2pshare.manifest import Manifest
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+#: Write threads per transfer: chunks are opened (decrypted), hashed and written there, off the
+#: event loop; two let one file's disk write overlap the next file's decryption.
+WRITE_THREADS = 2
+
+
+class ChunkUnreadable(Exception):
+    """A sealed chunk failed authentication on a write thread; nothing of it was written."""
+
+    def __init__(self, file_index: int, chunk_index: int) -> None:
+        super().__init__(f"chunk {chunk_index} of file #{file_index} failed authentication")
+        self.file_index = file_index
+        self.chunk_index = chunk_index
 
 
 #: Placed instances: readable by the node's group (e.g. a PACS import service), nobody else.
@@ -77,15 +96,23 @@ class Staging:
         self._root = out_dir.resolve()
         self._on_placed = on_placed
         self._max = max_pending
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pshare-write")
+        # A file's chunks all go to the same write thread, in order; files alternate.
+        self._writers = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pshare-write")
+            for _ in range(WRITE_THREADS)
+        ]
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pshare-commit")
         self._writes: deque[asyncio.Future[Any]] = deque()
-        self._last_write: asyncio.Future[Any] | None = None
+        #: every chunk's write, in stream order, until finished() has reported it
+        self._results: deque[tuple[int, bool, asyncio.Future[str | None]]] = deque()
+        self._file_written: dict[int, asyncio.Future[Any]] = {}
         self._ready: list[tuple[int, asyncio.Future[Any]]] = []
         self._commit: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
-        self._fh: IO[bytes] | None = None  # write thread only
-        self._fh_index = -1  # write thread only
+        #: per file being written: its open part file and hasher (its write thread only)
+        self._open: dict[int, tuple[IO[bytes], Any]] = {}
+        #: identities read from first chunks in memory (write threads set, commit thread pops)
+        self._idents: dict[int, Identity] = {}
         self._dirs: set[Path] = set()  # commit thread only
         # Patient data: the staging area is private to the node's user.
         staging_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -94,32 +121,84 @@ class Staging:
     # -- called on the event loop ---------------------------------------------------------------
 
     async def write(
-        self, file_index: int, chunk_index: int, data: bytes | bytearray, last: bool
+        self,
+        file_index: int,
+        chunk_index: int,
+        data: bytes | bytearray | Callable[[], bytes | bytearray],
+        last: bool,
+        hasher: Any = None,
     ) -> None:
+        """Queue one chunk for the file's write thread, which appends it to the file's part.
+
+        ``data`` is the plaintext, or a function the write thread calls for it (opening a
+        sealed chunk there, off the event loop); a :class:`p2pshare.errors.CryptoError` from
+        it is reported by :meth:`finished` as :class:`ChunkUnreadable`, and nothing of that
+        chunk is written. ``hasher``, given with a file's first chunk, is fed every chunk of
+        the file; :meth:`finished` then reports its digest. Waits while ``max_pending`` chunks
+        are queued, so memory stays bounded.
+        """
         self._raise_if_failed()
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(
-            self._writer, self._write_sync, file_index, chunk_index, data, last
+            self._writers[file_index % WRITE_THREADS],
+            self._write_sync,
+            file_index,
+            chunk_index,
+            data,
+            last,
+            hasher,
         )
         fut.add_done_callback(self._failed_cb)
         self._writes.append(fut)
-        self._last_write = fut
+        self._results.append((file_index, last, fut))
+        if last:
+            self._file_written[file_index] = fut
         while len(self._writes) > self._max:
             await asyncio.wait([self._writes.popleft()])
         while self._writes and self._writes[0].done():
             self._writes.popleft()
 
+    def finished(self) -> list[tuple[int, str | None]]:
+        """Files whose last chunk is now written, each with its digest (None for a file written
+        without a hasher), in stream order and never past a chunk that failed: files before it
+        are reported first, and the next call raises.
+
+        Raises:
+            ChunkUnreadable: a sealed chunk failed to open (nothing of it was written).
+        """
+        out: list[tuple[int, str | None]] = []
+        while self._results and self._results[0][2].done():
+            fi, last, fut = self._results[0]
+            exc = None if fut.cancelled() else fut.exception()
+            if isinstance(exc, ChunkUnreadable):
+                if out:
+                    break
+                raise exc
+            self._results.popleft()
+            if exc is None and not fut.cancelled() and last:
+                out.append((fi, fut.result()))
+            elif exc is not None or fut.cancelled():
+                break  # a disk error: write() and settle() report it
+        return out
+
+    async def drain(self) -> None:
+        """Wait for every queued chunk to be written (then ask :meth:`finished`)."""
+        while self._writes:
+            await asyncio.wait([self._writes.popleft()])
+        self._raise_if_failed()
+
     def verified(self, file_index: int) -> None:
-        """Queue for placing a file whose last chunk was just written and whose hash matched."""
-        assert self._last_write is not None
-        self._ready.append((file_index, self._last_write))
+        """Queue for placing a file whose last chunk is written (or queued) and whose digest
+        matched."""
+        self._ready.append((file_index, self._file_written.pop(file_index)))
         if self._commit is None or self._commit.done():
             self._commit = asyncio.ensure_future(self._commit_rounds())
 
     async def rejected(self, file_index: int, reason: str) -> None:
         self.failures[file_index] = reason
+        self._file_written.pop(file_index, None)
         fut = asyncio.get_running_loop().run_in_executor(
-            self._writer, self._discard_sync, file_index
+            self._writers[file_index % WRITE_THREADS], self._discard_sync, file_index
         )
         fut.add_done_callback(self._failed_cb)
         self._writes.append(fut)
@@ -140,10 +219,12 @@ class Staging:
     async def close(self, *, remove_staging: bool) -> None:
         with contextlib.suppress(BaseException):
             await self.settle()
-        # A disk error here was already reported by write()/settle(): closing must not hide it.
+        # Every write is done or failed (settle waited): close what a cut left open. A disk error
+        # here was already reported by write()/settle(): closing must not hide it.
         with contextlib.suppress(OSError):
-            await asyncio.get_running_loop().run_in_executor(self._writer, self._close_sync)
-        self._writer.shutdown(wait=False)
+            await asyncio.get_running_loop().run_in_executor(self._committer, self._close_sync)
+        for writer in self._writers:
+            writer.shutdown(wait=False)
         self._committer.shutdown(wait=False)
         if remove_staging:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -171,8 +252,10 @@ class Staging:
                     self._on_placed(fi)
 
     def _failed_cb(self, fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and fut.exception() is not None and self._error is None:
-            self._error = fut.exception()
+        if fut.cancelled() or (exc := fut.exception()) is None:
+            return
+        if not isinstance(exc, ChunkUnreadable) and self._error is None:
+            self._error = exc  # a chunk that failed to open is finished()'s to report
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -188,37 +271,59 @@ class Staging:
         return self.dir / f"{file_index}.part"
 
     def _close_sync(self) -> None:
-        fh, self._fh = self._fh, None
-        self._fh_index = -1
-        if fh is not None:
+        while self._open:
+            _, (fh, _) = self._open.popitem()
             fh.close()
 
     def _write_sync(
-        self, file_index: int, chunk_index: int, data: bytes | bytearray, last: bool
-    ) -> None:
-        if chunk_index == 0:
-            self._close_sync()
-            fd = os.open(self._part(file_index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            self._fh = os.fdopen(fd, "wb")
-            self._fh_index = file_index
-        elif self._fh_index != file_index:
-            # Resumed part-way: the held chunks are on disk (checked by resume_state).
-            self._close_sync()
-            fd = os.open(self._part(file_index), os.O_WRONLY, 0o600)
-            os.lseek(fd, chunk_index * self.manifest.chunk_size, os.SEEK_SET)
-            self._fh = os.fdopen(fd, "wb")
-            self._fh_index = file_index
-        assert self._fh is not None
-        self._fh.write(data)
-        if last:
-            self._close_sync()
+        self,
+        file_index: int,
+        chunk_index: int,
+        data: bytes | bytearray | Callable[[], bytes | bytearray],
+        last: bool,
+        hasher: Any,
+    ) -> str | None:
+        if callable(data):
+            try:
+                data = data()
+            except CryptoError:
+                raise ChunkUnreadable(file_index, chunk_index) from None
+        fh, file_hasher = self._open.pop(file_index, (None, None))
+        if hasher is not None:
+            file_hasher = hasher
+        if fh is None:
+            if chunk_index == 0:
+                fd = os.open(self._part(file_index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            else:
+                # Resumed part-way: the held chunks are on disk (checked by resume_state).
+                fd = os.open(self._part(file_index), os.O_WRONLY, 0o600)
+                os.lseek(fd, chunk_index * self.manifest.chunk_size, os.SEEK_SET)
+            fh = os.fdopen(fd, "wb")
+        try:
+            if file_hasher is not None:
+                file_hasher.update(data)
+            if chunk_index == 0:
+                ident = identity_from_head(data, self.manifest.instances[file_index].size)
+                if ident is not None:
+                    self._idents[file_index] = ident
+            fh.write(data)
+        except BaseException:
+            fh.close()
+            raise
+        if not last:
+            self._open[file_index] = (fh, file_hasher)
+            return None
+        fh.close()
+        return None if file_hasher is None else str(file_hasher.hexdigest())
 
     def resume_state(self) -> tuple[dict[int, int], dict[int, Any], int]:
         """See :func:`held_chunks` (run it in a thread)."""
         return held_chunks(self.out_dir, self.dir, self.manifest)
 
     def _discard_sync(self, file_index: int) -> None:
-        self._close_sync()
+        fh, _ = self._open.pop(file_index, (None, None))
+        if fh is not None:
+            fh.close()
         self._part(file_index).unlink(missing_ok=True)
 
     # -- on the commit thread -------------------------------------------------------------------
@@ -233,7 +338,7 @@ class Staging:
         inst = self.manifest.instances[file_index]
         part = self._part(file_index)
         final = self.out_dir / inst.relpath(self.manifest.study_instance_uid)
-        problem = self._check(part, final, inst.sop_instance_uid)
+        problem = self._check(file_index, part, final, inst.sop_instance_uid)
         if problem:
             part.unlink(missing_ok=True)
             return problem
@@ -270,11 +375,12 @@ class Staging:
             finally:
                 os.close(fd)
 
-    def _check(self, part: Path, final: Path, sop_uid: str) -> str | None:
+    def _check(self, file_index: int, part: Path, final: Path, sop_uid: str) -> str | None:
         if self._root not in final.resolve().parents:
             return "its path would leave the destination folder"
         try:
-            ident = read_identity_of_verified(part)
+            # read from the first chunk as it was written, else (rarely) from the file
+            ident = self._idents.pop(file_index, None) or read_identity_of_verified(part)
         except DicomError as exc:
             return f"it is not a readable DICOM file ({exc.message})"
         if ident.sop_instance_uid != sop_uid:

@@ -435,9 +435,10 @@ async def test_no_more_than_max_pending_writes_are_held(harness: Harness, study:
     m = study.manifest
     gate = threading.Event()
     s = harness.make(m, max_pending=4)
-    s._writer.shutdown()
+    for writer in s._writers:
+        writer.shutdown()
     slow = GatedExecutor(gate)
-    s._writer = slow
+    s._writers = [slow] * len(s._writers)
     chunk = data(study, 4)
     returned = 0
     queued_after_write: list[int] = []

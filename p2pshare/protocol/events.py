@@ -94,6 +94,32 @@ class Chunk(Event):
 
 
 @dataclass(frozen=True)
+class SealedChunk(Event):
+    """Receiver, deferred mode: the next chunk, in order and checked except for its AEAD, which
+    :func:`p2pshare.protocol.receiver.open_chunk` checks (it raises
+    :class:`p2pshare.errors.CryptoError` when the chunk was altered). The driver opens it on
+    whichever thread it likes (it is a pure function of the event), writes the plaintext at
+    ``offset``, feeds it to ``hasher`` — given with a file's first chunk on this connection and
+    kept by the driver for the file's later chunks — and, after the last chunk, reports the
+    file's digest to :meth:`ReceiverSession.file_hashed`, or an unreadable chunk to
+    :meth:`ReceiverSession.chunk_unreadable`.
+    """
+
+    file_index: int
+    chunk_index: int
+    offset: int
+    length: int
+    last: bool
+    sealed: bytes | memoryview = field(repr=False)
+    key: bytes = field(repr=False)
+    counter: int = field(repr=False)
+    aad: bytes = field(repr=False)
+    #: a fresh BLAKE3 hasher for a file's first chunk, the held prefix's for a file resumed
+    #: part-way, None for a file's later chunks (the driver has its hasher)
+    hasher: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class FileVerified(Event):
     """Receiver: every chunk of the file arrived and its digest (BLAKE3) matches the manifest."""
 

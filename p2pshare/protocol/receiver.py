@@ -6,7 +6,7 @@ import hashlib
 import os
 from collections import deque
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 from p2pshare import crypto
 from p2pshare import digest as file_digest
@@ -67,9 +67,16 @@ class ReceiverSession(Session):
         password: bytes,
         entropy: crypto.Entropy = os.urandom,
         resume_offer: str = "",
+        deferred: bool = False,
     ) -> None:
         """``resume_offer``: reconnecting to this offer (``offer_ref`` is then the resume
-        ticket id and ``password`` its secret)."""
+        ticket id and ``password`` its secret).
+
+        ``deferred``: hand chunks out sealed (:class:`ev.SealedChunk`) for the driver to open
+        and hash off the event loop, in parallel with reading the next ones, and take each
+        file's digest back through :meth:`file_hashed`. Otherwise the session opens and hashes
+        every chunk itself and hands out :class:`ev.Chunk` (simplest for in-memory drivers).
+        The checks and their verdicts are the same either way."""
         super().__init__(name=name, public_key=public_key, sign=sign, entropy=entropy)
         self.state = ReceiverState.START
         self._offer_ref = offer_ref
@@ -86,6 +93,9 @@ class ReceiverSession(Session):
         self.verified: set[int] = set()
         self.rejected: dict[int, str] = {}
         self._have: dict[int, int] = {}
+        self._deferred = deferred
+        #: deferred mode: files whose last chunk went out sealed, waiting for their digest
+        self._unhashed: set[int] = set()
         #: the verified consent record; no chunk is accepted before it
         self.consent: dict[str, Any] | None = None
 
@@ -165,7 +175,9 @@ class ReceiverSession(Session):
         require(self.state is ReceiverState.AWAIT_VERDICT, f"send_receipt in state {self.state}")
         assert self.manifest is not None
         require(
-            len(self.verified) == len(self.manifest.instances) and not self.rejected,
+            len(self.verified) == len(self.manifest.instances)
+            and not self.rejected
+            and not self._unhashed,
             "a receipt needs every instance verified",
         )
         body = {
@@ -375,21 +387,19 @@ class ReceiverSession(Session):
             raise RemoteProtocolError(
                 f"chunk {eci} of {self._file(efi)} carries a wrong last-chunk flag", "integrity"
             )
-        try:
-            data = crypto.open_sealed(
-                self._recv_key,
-                self._recv_ctr,
-                body[CHUNK_HEADER.size :],
-                self._aad(FrameType.CHUNK, header),
-            )
-        except CryptoError:
-            raise RemoteProtocolError(
-                f"chunk {eci} of {self._file(efi)} failed authentication: it was altered, "
-                f"replayed or reordered in transit; the file was not kept",
-                "integrity",
-            ) from None
-        self._recv_ctr += 1
+        sealed = body[CHUNK_HEADER.size :]
+        aad = self._aad(FrameType.CHUNK, header)
         expected = self.manifest.chunk_length(efi, eci)
+        if self._deferred and len(sealed) - crypto.TAG_BYTES == expected:
+            # (a length that does not fit is decided below, as without deferral: a forged
+            # chunk fails authentication, an authentic one of the wrong length is a lie)
+            self._pass_sealed(efi, eci, last, sealed, aad, expected)
+            return
+        try:
+            data = crypto.open_sealed(self._recv_key, self._recv_ctr, sealed, aad)
+        except CryptoError:
+            raise self._unreadable(efi, eci) from None
+        self._recv_ctr += 1
         if len(data) != expected:
             raise RemoteProtocolError(
                 f"chunk {eci} of {self._file(efi)} holds {len(data)} bytes where the manifest "
@@ -403,18 +413,76 @@ class ReceiverSession(Session):
             self._hash = self._prefix.pop(efi)
         self._hash.update(data)
         self._events.append(ev.Chunk(efi, eci, eci * self.manifest.chunk_size, data, last))
+        self._count_stored()
+        if last:
+            self._verdict(efi, self._hash.hexdigest())
+            self._hash = None
+
+    def _pass_sealed(
+        self, fi: int, ci: int, last: bool, sealed: bytes | memoryview, aad: bytes, length: int
+    ) -> None:
+        assert self.manifest is not None
+        counter = self._recv_ctr
+        self._recv_ctr += 1
+        self._plan.popleft()
+        # the first chunk of a file starts its hash; for a file resumed part-way, the hash of
+        # what is held goes with the first chunk this connection brings
+        hasher = file_digest.hasher() if ci == 0 else self._prefix.pop(fi, None)
+        offset = ci * self.manifest.chunk_size
+        self._events.append(
+            ev.SealedChunk(
+                fi, ci, offset, length, last, sealed, self._recv_key, counter, aad, hasher
+            )
+        )
+        self._count_stored()
+        if last:
+            self._unhashed.add(fi)
+
+    def _count_stored(self) -> None:
         self._stored += 1
         if self._stored % self._ack_every == 0 or not self._plan:
             self._seal(Inner.ACK, dump_json({"chunks": self._stored}))
-        if last:
-            if self._hash.hexdigest() == self.manifest.instances[efi].digest:
-                self.verified.add(efi)
-                self._events.append(ev.FileVerified(efi))
-            else:
-                reason = f"{self._file(efi)} does not match its digest in the signed manifest"
-                self.rejected[efi] = reason
-                self._events.append(ev.FileRejected(efi, reason))
-            self._hash = None
+
+    def _verdict(self, fi: int, hexdigest: str) -> None:
+        assert self.manifest is not None
+        if hexdigest == self.manifest.instances[fi].digest:
+            self.verified.add(fi)
+            self._events.append(ev.FileVerified(fi))
+        else:
+            reason = f"{self._file(fi)} does not match its digest in the signed manifest"
+            self.rejected[fi] = reason
+            self._events.append(ev.FileRejected(fi, reason))
+
+    def _unreadable(self, fi: int, ci: int) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"chunk {ci} of {self._file(fi)} failed authentication: it was altered, "
+            f"replayed or reordered in transit; the file was not kept",
+            "integrity",
+        )
+
+    # -- deferred mode: what the driver reports back ---------------------------------------------
+
+    def file_hashed(self, file_index: int, hexdigest: str) -> None:
+        """The digest of a file whose chunks all went out sealed; queues FileVerified or
+        FileRejected, exactly as the session would have itself."""
+        require(file_index in self._unhashed, f"file #{file_index} is not waiting for a digest")
+        self._unhashed.discard(file_index)
+        self._verdict(file_index, hexdigest)
+
+    def chunk_unreadable(self, file_index: int, chunk_index: int) -> NoReturn:
+        """A sealed chunk failed to open: tell the sender why, and raise it here too."""
+        err = self._unreadable(file_index, chunk_index)
+        self._fail(err.code, err.message)
+        raise err
+
+
+def open_chunk(chunk: ev.SealedChunk) -> bytearray:
+    """The plaintext of a chunk the session handed out sealed (deferred mode).
+
+    A pure function of the event, safe on any thread. Raises CryptoError if the chunk was altered,
+    replayed or moved; the driver then reports it with ``ReceiverSession.chunk_unreadable``.
+    """
+    return crypto.open_sealed(chunk.key, chunk.counter, chunk.sealed, chunk.aad)
 
 
 #: A status is a few words for the person (e.g. "waiting for consent"), never bulk data.

@@ -191,6 +191,13 @@ class Session:
                 raise err from exc
         return self._events.popleft()
 
+    def take_events(self) -> list[ev.Event]:
+        """The events already queued, without reading another frame: for a driver winding up
+        after the stream ended (cut, or refused) with results still coming in."""
+        out = list(self._events)
+        self._events.clear()
+        return out
+
     def refuse(self, code: str, message: str, tries_left: int | None = None) -> None:
         """Tell the peer why we stop, and stop."""
         self._fail(code, message, tries_left)

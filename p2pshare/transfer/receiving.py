@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import time
@@ -28,8 +29,8 @@ from p2pshare.jobs import PROGRESS_EVERY_S, Job
 from p2pshare.manifest import Manifest
 from p2pshare.protocol import consent as consent_record
 from p2pshare.protocol import events as ev
-from p2pshare.protocol.receiver import ReceiverSession
-from p2pshare.staging import Staging
+from p2pshare.protocol.receiver import ReceiverSession, open_chunk
+from p2pshare.staging import ChunkUnreadable, Staging
 from p2pshare.transfer.channel import Channel
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class ReceiverRun:
             password=password,
             entropy=e.entropy,
             resume_offer=code.offer_id if isinstance(code, Resume) else "",
+            deferred=True,  # chunks are opened and hashed on the staging write threads
         )
         #: keep the staged chunks when the connection is lost (the transfer can be resumed)
         self.keep_staging = False
@@ -128,8 +130,7 @@ class ReceiverRun:
                     break
                 self.s.receive_data(data)
                 try:
-                    while (event := self.s.next_event()) is not None:
-                        await self._on_event(event)
+                    await self._pump()
                 finally:
                     await self._flush()
         except RemoteProtocolError as exc:
@@ -148,6 +149,8 @@ class ReceiverRun:
             lost = False
             raise
         finally:
+            if self.staging is not None and self.receipt is None:
+                await self._salvage()
             if self.staging is not None:
                 # A lost connection keeps what arrived for a resume (private staging folder);
                 # every other ending removes partial patient data.
@@ -164,6 +167,44 @@ class ReceiverRun:
                 )
             raise ConnectionLost("the sender closed the connection before pairing finished")
         return self.receipt
+
+    async def _pump(self) -> None:
+        """Handle the session's events, and the digests of files the write threads finished
+        (which the session turns into FileVerified or FileRejected events)."""
+        while True:
+            while (event := self.s.next_event()) is not None:
+                await self._on_event(event)
+            if self.staging is None:
+                return
+            try:
+                done = self.staging.finished()
+            except ChunkUnreadable as exc:
+                self.s.chunk_unreadable(exc.file_index, exc.chunk_index)  # raises
+            if not done:
+                return
+            for fi, digest in done:
+                assert digest is not None  # every file's first chunk came with its hasher
+                self.s.file_hashed(fi, digest)
+
+    async def _salvage(self) -> None:
+        """The stream ended early: files whose every chunk had arrived, up to the first chunk
+        that failed, still count. Their digests are reported once their writes finish, and
+        the verified ones are placed, as they would have been a moment later."""
+        staging = self.staging
+        assert staging is not None
+        try:
+            await staging.drain()
+            while done := staging.finished():
+                for fi, digest in done:
+                    assert digest is not None
+                    self.s.file_hashed(fi, digest)
+        except (ChunkUnreadable, TransferError):
+            pass  # nothing past a failed chunk counts; a disk error is reported already
+        for event in self.s.take_events():
+            if isinstance(event, ev.FileVerified):
+                staging.verified(event.file_index)
+            elif isinstance(event, ev.FileRejected):
+                await staging.rejected(event.file_index, event.reason)
 
     def _keep_ticket(self) -> None:
         e = self.e
@@ -241,10 +282,16 @@ class ReceiverRun:
 
     async def _on_event(self, event: ev.Event) -> None:
         e = self.e
-        if isinstance(event, ev.Chunk):
+        if isinstance(event, ev.SealedChunk):
             assert self.staging is not None
-            await self.staging.write(event.file_index, event.chunk_index, event.data, event.last)
-            self._bytes += len(event.data)
+            await self.staging.write(
+                event.file_index,
+                event.chunk_index,
+                functools.partial(open_chunk, event),
+                event.last,
+                event.hasher,
+            )
+            self._bytes += event.length
             t = time.monotonic()
             if t - self._last_progress >= PROGRESS_EVERY_S:
                 self._last_progress = t
@@ -381,6 +428,8 @@ class ReceiverRun:
         """Everything arrived: make it durable, then sign — or say what failed."""
         e, staging = self.e, self.staging
         assert staging is not None
+        await staging.drain()
+        await self._pump()  # the last files' digests, and placing the verified ones
         await staging.sync()
         missing = len(self.manifest.instances) - staging.placed - len(staging.failures)
         if missing:

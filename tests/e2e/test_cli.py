@@ -403,7 +403,7 @@ async def test_spoken_code_can_name_a_known_institution_instead_of_an_address(
         # unknown yet: a clear refusal, nothing started
         unknown = await cli.receive_at(
             receiver,
-            "1-aardvark-asparagus-cinnamon-dominoes",
+            "97-aardvark-asparagus-cinnamon-dominoes",  # a number no offer of this node has
             str(tmp_path / "x"),
             "--from",
             "Referring Hospital ED",
