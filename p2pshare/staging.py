@@ -111,6 +111,9 @@ class Staging:
         self._error: BaseException | None = None
         #: per file being written: its open part file and hasher (its write thread only)
         self._open: dict[int, tuple[IO[bytes], Any]] = {}
+        #: files with a chunk that failed to open: their later chunks are dropped, so the part
+        #: holds exactly the chunks before it (its write thread only)
+        self._spoilt: set[int] = set()
         #: identities read from first chunks in memory (write threads set, commit thread pops)
         self._idents: dict[int, Identity] = {}
         self._dirs: set[Path] = set()  # commit thread only
@@ -283,10 +286,16 @@ class Staging:
         last: bool,
         hasher: Any,
     ) -> str | None:
+        if file_index in self._spoilt:
+            return None  # never reported: finished() stops at the chunk that failed
         if callable(data):
             try:
                 data = data()
             except CryptoError:
+                self._spoilt.add(file_index)
+                fh, _ = self._open.pop(file_index, (None, None))
+                if fh is not None:
+                    fh.close()
                 raise ChunkUnreadable(file_index, chunk_index) from None
         fh, file_hasher = self._open.pop(file_index, (None, None))
         if hasher is not None:

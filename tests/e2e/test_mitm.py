@@ -531,12 +531,14 @@ async def test_cut_connection_says_how_much_was_kept(
 
 # -- several chunks per file ----------------------------------------------------------------
 
-CHUNK_IN_FILE = 3
-
-
-@pytest.mark.parametrize("kind", [FLIP, DROP])
+@pytest.mark.parametrize(
+    "kind, chunk_in_file",
+    # chunk 0 too: a file whose first chunk fails must not be taken for a disk error
+    [(FLIP, 3), (DROP, 3), (FLIP, 0)],
+)
 async def test_tampering_inside_a_multi_chunk_file(
     kind: str,
+    chunk_in_file: int,
     chunked_sender: NodeProc,
     pair: tuple[NodeProc, NodeProc],
     mitm_study: Path,
@@ -545,22 +547,22 @@ async def test_tampering_inside_a_multi_chunk_file(
     _, receiver = pair
     sender = chunked_sender
     manifest = manifest_of(mitm_study, SMALL_CHUNK)
-    assert manifest.chunk_count(ATTACKED) > CHUNK_IN_FILE + 1
+    assert manifest.chunk_count(ATTACKED) > chunk_in_file + 1
     uid = manifest.instances[ATTACKED].sop_instance_uid
-    index = sum(manifest.chunk_count(i) for i in range(ATTACKED)) + CHUNK_IN_FILE
+    index = sum(manifest.chunk_count(i) for i in range(ATTACKED)) + chunk_in_file
     attack = Attack(kind, index=index, frame_type=CHUNK_FRAME, offset=PROTO_HEADER + 17, bit=7)
     out = tmp_path / "out"
     async with MitmProxy(sender.port, attack) as proxy:
         run = await offer_and_receive(sender, receiver, mitm_study, out, proxy.address)
-        assert [(a.kind, a.chunk) for a in proxy.applied] == [(kind, (ATTACKED, CHUNK_IN_FILE, 0))]
+        assert [(a.kind, a.chunk) for a in proxy.applied] == [(kind, (ATTACKED, chunk_in_file, 0))]
         err = run.result
         assert err["event"] == "error" and err["code"] == "integrity", err
         if kind == FLIP:
-            expected = f"chunk {CHUNK_IN_FILE} of instance {uid} failed authentication"
+            expected = f"chunk {chunk_in_file} of instance {uid} failed authentication"
         else:
             expected = (
-                f"chunk {CHUNK_IN_FILE + 1} of file #{ATTACKED} arrived where chunk "
-                f"{CHUNK_IN_FILE} of instance {uid} was expected"
+                f"chunk {chunk_in_file + 1} of file #{ATTACKED} arrived where chunk "
+                f"{chunk_in_file} of instance {uid} was expected"
             )
         assert expected in err["message"]
         assert_no_receipt(run.sender_view, run.sender_events)
