@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from p2pshare import digest as file_digest
 from p2pshare.dicom.verify import Identity, identity_from_head, read_identity_of_verified
@@ -109,14 +109,17 @@ class Staging:
         self._ready: list[tuple[int, asyncio.Future[Any]]] = []
         self._commit: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
-        #: per file being written: its open part file and hasher (its write thread only)
-        self._open: dict[int, tuple[IO[bytes], Any]] = {}
+        #: per file being written: its part file's descriptor and hasher (its write thread only)
+        self._open: dict[int, tuple[int, Any]] = {}
         #: files with a chunk that failed to open: their later chunks are dropped, so the part
         #: holds exactly the chunks before it (its write thread only)
         self._spoilt: set[int] = set()
         #: identities read from first chunks in memory (write threads set, commit thread pops)
         self._idents: dict[int, Identity] = {}
         self._dirs: set[Path] = set()  # commit thread only
+        #: destination folders checked (inside ``out`` or not), and those created (commit thread)
+        self._dir_ok: dict[Path, bool] = {}
+        self._made: set[Path] = set()
         # Patient data: the staging area is private to the node's user.
         staging_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         staging_dir.mkdir(mode=0o700, exist_ok=True)
@@ -275,8 +278,8 @@ class Staging:
 
     def _close_sync(self) -> None:
         while self._open:
-            _, (fh, _) = self._open.popitem()
-            fh.close()
+            _, (fd, _) = self._open.popitem()
+            os.close(fd)
 
     def _write_sync(
         self,
@@ -293,21 +296,20 @@ class Staging:
                 data = data()
             except CryptoError:
                 self._spoilt.add(file_index)
-                fh, _ = self._open.pop(file_index, (None, None))
-                if fh is not None:
-                    fh.close()
+                fd, _ = self._open.pop(file_index, (-1, None))
+                if fd >= 0:
+                    os.close(fd)
                 raise ChunkUnreadable(file_index, chunk_index) from None
-        fh, file_hasher = self._open.pop(file_index, (None, None))
+        fd, file_hasher = self._open.pop(file_index, (-1, None))
         if hasher is not None:
             file_hasher = hasher
-        if fh is None:
+        if fd < 0:
             if chunk_index == 0:
                 fd = os.open(self._part(file_index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             else:
                 # Resumed part-way: the held chunks are on disk (checked by resume_state).
                 fd = os.open(self._part(file_index), os.O_WRONLY, 0o600)
                 os.lseek(fd, chunk_index * self.manifest.chunk_size, os.SEEK_SET)
-            fh = os.fdopen(fd, "wb")
         try:
             if file_hasher is not None:
                 file_hasher.update(data)
@@ -315,14 +317,16 @@ class Staging:
                 ident = identity_from_head(data, self.manifest.instances[file_index].size)
                 if ident is not None:
                     self._idents[file_index] = ident
-            fh.write(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
         except BaseException:
-            fh.close()
+            os.close(fd)
             raise
         if not last:
-            self._open[file_index] = (fh, file_hasher)
+            self._open[file_index] = (fd, file_hasher)
             return None
-        fh.close()
+        os.close(fd)
         return None if file_hasher is None else str(file_hasher.hexdigest())
 
     def resume_state(self) -> tuple[dict[int, int], dict[int, Any], int]:
@@ -330,9 +334,9 @@ class Staging:
         return held_chunks(self.out_dir, self.dir, self.manifest)
 
     def _discard_sync(self, file_index: int) -> None:
-        fh, _ = self._open.pop(file_index, (None, None))
-        if fh is not None:
-            fh.close()
+        fd, _ = self._open.pop(file_index, (-1, None))
+        if fd >= 0:
+            os.close(fd)
         self._part(file_index).unlink(missing_ok=True)
 
     # -- on the commit thread -------------------------------------------------------------------
@@ -351,7 +355,9 @@ class Staging:
         if problem:
             part.unlink(missing_ok=True)
             return problem
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.parent not in self._made:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(final.parent)
         os.chmod(part, PLACED_MODE)
         try:
             # A link, not a rename: it never replaces a file already there.
@@ -385,7 +391,14 @@ class Staging:
                 os.close(fd)
 
     def _check(self, file_index: int, part: Path, final: Path, sop_uid: str) -> str | None:
-        if self._root not in final.resolve().parents:
+        # The file name is a sanitised UID (uid_filename: never a separator, "." or ".."), so
+        # checking its folder once, before creating it, keeps every file of the series inside.
+        folder = final.parent
+        ok = self._dir_ok.get(folder)
+        if ok is None:
+            resolved = folder.resolve()
+            ok = self._dir_ok[folder] = resolved == self._root or self._root in resolved.parents
+        if not ok or final.name in ("", ".", ".."):
             return "its path would leave the destination folder"
         try:
             # read from the first chunk as it was written, else (rarely) from the file
