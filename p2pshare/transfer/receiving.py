@@ -150,7 +150,12 @@ class ReceiverRun:
             raise
         finally:
             if self.staging is not None and self.receipt is None:
-                await self._salvage()
+                try:
+                    await self._salvage()
+                except Exception as exc:  # noqa: BLE001 - winding up must still close staging
+                    log.warning(
+                        "files that arrived before the end were not placed (%s)", type(exc).__name__
+                    )
             if self.staging is not None:
                 # A lost connection keeps what arrived for a resume (private staging folder);
                 # every other ending removes partial patient data.
