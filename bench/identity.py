@@ -15,7 +15,6 @@ and the median round, so that a noisy neighbour on a small machine shows.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from p2pshare.dicom.synthetic import bench_series, generate_ct_study  # noqa: E402
+from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
 from p2pshare.dicom.verify import identity_from_head, read_identity_of_verified  # noqa: E402
 
 CHUNK = 1 << 20  # the first transfer chunk
@@ -64,13 +63,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    study = Path(args.cache) / f"ct-{args.slices}"
-    if not study.exists():
-        print(f"generating a {args.slices}-slice CT study in {study} …", flush=True)
-        tmp = study.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_ct_study(tmp, seed=1, series=bench_series(args.slices))
-        tmp.rename(study)
+    study = cached_bench_study(Path(args.cache), args.slices)
     files = study_files(study)
     sizes = [p.stat().st_size for p in files]
     heads = []

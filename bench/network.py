@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from p2pshare.client import NodeClient, read_token  # noqa: E402
 from p2pshare.demo import free_port, spawn_node, stop_node, tree_hashes  # noqa: E402
-from p2pshare.dicom.synthetic import bench_series, generate_ct_study  # noqa: E402
+from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
 
 #: a port nothing listens on: the direct path of a relay round leads nowhere
 DEAD = "127.0.0.1:9"
@@ -78,15 +78,7 @@ def dir_bytes(root: Path) -> int:
 
 
 def study_of(mb: float, cache: Path) -> Path:
-    slices = max(3, round(mb / MB_PER_SLICE))
-    study = cache / f"ct-{slices}"
-    if not study.exists():
-        log(f"generating a {slices}-slice CT study in {study} …")
-        tmp = study.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_ct_study(tmp, seed=1, series=bench_series(slices))
-        tmp.rename(study)
-    return study
+    return cached_bench_study(cache, max(3, round(mb / MB_PER_SLICE)), log)
 
 
 # -- driving two nodes through their APIs ------------------------------------------------------

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from p2pshare.client import NodeClient  # noqa: E402
 from p2pshare.demo import spawn_node, stop_node  # noqa: E402
-from p2pshare.dicom.synthetic import bench_series, generate_ct_study  # noqa: E402
+from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
 from tests.pacs.peers import free_port, orthanc  # noqa: E402
 
 ENV = dict(os.environ, TCP_NODELAY="1")
@@ -117,13 +117,7 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "p2pshare-bench"))
     args = ap.parse_args()
-    study = Path(args.cache) / f"ct-{args.slices}"
-    if not study.exists():
-        print(f"generating a {args.slices}-slice CT study in {study} …", flush=True)
-        tmp = study.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_ct_study(tmp, seed=1, series=bench_series(args.slices))
-        tmp.rename(study)
+    study = cached_bench_study(Path(args.cache), args.slices)
     files = [p for p in study.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
     print(f"study: {len(files)} files, {size / 1e6:.0f} MB")

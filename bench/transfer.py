@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from p2pshare.demo import free_port, spawn_node, stop_node, transfer, tree_hashes  # noqa: E402
-from p2pshare.dicom.synthetic import bench_series, generate_ct_study  # noqa: E402
+from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
 
 
 def study_files(study: Path) -> list[Path]:
@@ -164,13 +164,7 @@ async def main() -> None:
     )
     args = ap.parse_args()
 
-    study = Path(args.cache) / f"ct-{args.slices}"
-    if not study.exists():
-        print(f"generating a {args.slices}-slice CT study in {study} …", flush=True)
-        tmp = study.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_ct_study(tmp, seed=1, series=bench_series(args.slices))
-        tmp.rename(study)
+    study = cached_bench_study(Path(args.cache), args.slices)
     size = dir_bytes(study)
     print(f"study: {len(study_files(study))} files, {size / 1e6:.0f} MB")
 

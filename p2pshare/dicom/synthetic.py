@@ -23,7 +23,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -346,3 +347,16 @@ def _write_slice(
         data = pixels.astype(order, copy=False).tobytes()
         ds[0x7FE00010] = DataElement(0x7FE00010, "OW", data)
     dcmwrite(path, ds, enforce_file_format=True)
+
+
+def cached_bench_study(cache: Path, slices: int, say: Callable[[str], None] = print) -> Path:
+    """The seeded benchmark study of ``slices`` slices (:func:`bench_series`), generated once
+    into ``cache/ct-<slices>`` and reused by later runs; a cut-short generation is not kept."""
+    study = cache / f"ct-{slices}"
+    if not study.exists():
+        say(f"generating a {slices}-slice CT study in {study} …")
+        tmp = study.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_ct_study(tmp, seed=1, series=bench_series(slices))
+        tmp.rename(study)
+    return study
