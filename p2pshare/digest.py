@@ -10,8 +10,9 @@ consent records sign, stays SHA-256: it is one small hash per transfer.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from blake3 import blake3
 
@@ -31,9 +32,10 @@ def of_bytes(data: bytes) -> str:
     return blake3(data).hexdigest()
 
 
-def of_stream(fp: BinaryIO) -> tuple[int, str]:
-    """(size, hex digest) of everything left in ``fp``."""
-    h = blake3()
+def of_stream(fp: BinaryIO, algorithm: str = "blake3") -> tuple[int, str]:
+    """(size, hex digest) of everything left in ``fp``; ``algorithm`` "sha256" only for files
+    of a version-1 manifest kept from before (``Manifest.digest_algorithm``)."""
+    h: Any = blake3() if algorithm == "blake3" else hashlib.new(algorithm)
     size = 0
     while block := fp.read(_BLOCK):
         h.update(block)
@@ -41,6 +43,6 @@ def of_stream(fp: BinaryIO) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def of_file(path: Path) -> str:
+def of_file(path: Path, algorithm: str = "blake3") -> str:
     with open(path, "rb") as fh:
-        return of_stream(fh)[1]
+        return of_stream(fh, algorithm)[1]

@@ -18,6 +18,10 @@ from typing import Any
 from p2pshare.errors import ManifestError
 
 MANIFEST_VERSION = 2
+#: Version 1 carried SHA-256 per file (key "sha256"); nodes still read it from their own
+#: database (transfers received before the change), never from a peer.
+_DIGEST_KEY = {1: "sha256", 2: "blake3"}
+_DIGEST_NAME = {1: "SHA-256", 2: "BLAKE3"}
 
 #: DICOM PS3.5 §9.1: digits and dots, components without leading zeros, at most 64 characters.
 #: Always use ``fullmatch``: with ``match``, ``$`` also matches before a trailing newline.
@@ -139,7 +143,7 @@ class Manifest:
                     "series_instance_uid": i.series_instance_uid,
                     "transfer_syntax_uid": i.transfer_syntax_uid,
                     "size": i.size,
-                    "blake3": i.digest,
+                    _DIGEST_KEY[self.version]: i.digest,
                     "instance_number": i.instance_number,
                 }
                 for i in self.instances
@@ -154,6 +158,11 @@ class Manifest:
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @property
+    def digest_algorithm(self) -> str:
+        """What each instance's ``digest`` is: "blake3", or "sha256" for a version-1 manifest."""
+        return _DIGEST_KEY[self.version]
 
     def summary(self) -> dict[str, Any]:
         """What a person sees before accepting: counts and descriptions, no UIDs per file."""
@@ -181,21 +190,25 @@ class Manifest:
         }
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Manifest:
+    def from_bytes(cls, data: bytes, *, stored: bool = False) -> Manifest:
+        """``stored``: read from this node's own database, where a version-1 manifest (of a
+        transfer from before per-file digests were BLAKE3) is still valid."""
         try:
             raw = json.loads(data.decode("utf-8"))
         # ValueError also covers integers beyond Python's 4300-digit limit; RecursionError
         # deeply nested arrays
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ManifestError("it is not valid JSON") from exc
-        return cls.from_dict(raw)
+        return cls.from_dict(raw, stored=stored)
 
     @classmethod
-    def from_dict(cls, raw: object) -> Manifest:
-        """Parse and bound a manifest from the peer. Raises ManifestError on anything odd."""
+    def from_dict(cls, raw: object, *, stored: bool = False) -> Manifest:
+        """Parse and bound a manifest from the peer (or, ``stored``, from this node's database).
+        Raises ManifestError on anything odd."""
         d = _obj(raw, "manifest")
         version = d.get("version")
-        if isinstance(version, bool) or version != MANIFEST_VERSION:
+        readable = {MANIFEST_VERSION, 1} if stored else {MANIFEST_VERSION}
+        if isinstance(version, bool) or version not in readable:
             raise ManifestError(
                 f"it is manifest version {str(version)[:8]}, and this node reads version "
                 f"{MANIFEST_VERSION}: both nodes need a p2pshare release of the same manifest version"
@@ -229,9 +242,9 @@ class Manifest:
             if sop in seen:
                 raise ManifestError(f"instance {sop} is listed twice")
             seen.add(sop)
-            sha = e.get("blake3")
+            sha = e.get(_DIGEST_KEY[version])
             if not isinstance(sha, str) or not _DIGEST_RE.fullmatch(sha):
-                raise ManifestError(f"instance {sop} has no valid BLAKE3 digest")
+                raise ManifestError(f"instance {sop} has no valid {_DIGEST_NAME[version]} digest")
             instances.append(
                 Instance(
                     sop_instance_uid=sop,

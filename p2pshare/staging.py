@@ -63,6 +63,10 @@ class ChunkUnreadable(Exception):
         self.chunk_index = chunk_index
 
 
+class _Dropped(Exception):
+    """A chunk of a file whose earlier chunk failed: not written, and the file never placed."""
+
+
 #: Placed instances: readable by the node's group (e.g. a PACS import service), nobody else.
 PLACED_MODE = 0o640
 
@@ -160,8 +164,16 @@ class Staging:
         if last:
             self._file_written[file_index] = fut
         while len(self._writes) > self._max:
-            await asyncio.wait([self._writes.popleft()])
+            await self._oldest_write()
         while self._writes and self._writes[0].done():
+            self._writes.popleft()
+
+    async def _oldest_write(self) -> None:
+        """Wait for the oldest queued write, and only then forget it: a cancelled wait must not
+        lose a write that is still running (closing waits for every write)."""
+        oldest = self._writes[0]
+        await asyncio.wait([oldest])
+        if self._writes and self._writes[0] is oldest:
             self._writes.popleft()
 
     def finished(self) -> list[tuple[int, str | None]]:
@@ -171,26 +183,27 @@ class Staging:
 
         Raises:
             ChunkUnreadable: a sealed chunk failed to open (nothing of it was written).
+            TransferError: a chunk could not be written (the disk failed).
         """
         out: list[tuple[int, str | None]] = []
         while self._results and self._results[0][2].done():
             fi, last, fut = self._results[0]
-            exc = None if fut.cancelled() else fut.exception()
-            if isinstance(exc, ChunkUnreadable):
+            if fut.cancelled() or fut.exception() is not None:
                 if out:
                     break
-                raise exc
+                exc = fut.exception() if not fut.cancelled() else None
+                if isinstance(exc, ChunkUnreadable):
+                    raise exc
+                raise self._disk_error(exc or asyncio.CancelledError())
             self._results.popleft()
-            if exc is None and not fut.cancelled() and last:
+            if last:
                 out.append((fi, fut.result()))
-            elif exc is not None or fut.cancelled():
-                break  # a disk error: write() and settle() report it
         return out
 
     async def drain(self) -> None:
         """Wait for every queued chunk to be written (then ask :meth:`finished`)."""
         while self._writes:
-            await asyncio.wait([self._writes.popleft()])
+            await self._oldest_write()
         self._raise_if_failed()
 
     def verified(self, file_index: int) -> None:
@@ -212,7 +225,7 @@ class Staging:
     async def settle(self) -> None:
         """Wait until every write and every queued placement is done; raise if the disk failed."""
         while self._writes:
-            await asyncio.wait([self._writes.popleft()])
+            await self._oldest_write()
         while self._commit is not None and not self._commit.done():
             await asyncio.wait([self._commit])
         self._raise_if_failed()
@@ -227,8 +240,11 @@ class Staging:
             await self.settle()
         # Every write is done or failed (settle waited): close what a cut left open. A disk error
         # here was already reported by write()/settle(): closing must not hide it.
-        with contextlib.suppress(OSError):
-            await asyncio.get_running_loop().run_in_executor(self._committer, self._close_sync)
+        loop = asyncio.get_running_loop()
+        for k, writer in enumerate(self._writers):
+            # on the writer itself, behind any write still running
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(writer, self._close_sync, k)
         for writer in self._writers:
             writer.shutdown(wait=False)
         self._committer.shutdown(wait=False)
@@ -260,25 +276,30 @@ class Staging:
     def _failed_cb(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or (exc := fut.exception()) is None:
             return
-        if not isinstance(exc, ChunkUnreadable) and self._error is None:
+        if not isinstance(exc, ChunkUnreadable | _Dropped) and self._error is None:
             self._error = exc  # a chunk that failed to open is finished()'s to report
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            exc = self._error
-            raise TransferError(
-                f"could not write to {self.out_dir}: {getattr(exc, 'strerror', None) or exc}; "
-                f"free some space or choose another --out, then ask for the study again"
-            ) from exc
+            raise self._disk_error(self._error)
+
+    def _disk_error(self, exc: BaseException) -> TransferError:
+        error = TransferError(
+            f"could not write to {self.out_dir}: {getattr(exc, 'strerror', None) or exc}; "
+            f"free some space or choose another --out, then ask for the study again"
+        )
+        error.__cause__ = exc
+        return error
 
     # -- on the write thread --------------------------------------------------------------------
 
     def _part(self, file_index: int) -> Path:
         return self.dir / f"{file_index}.part"
 
-    def _close_sync(self) -> None:
-        while self._open:
-            _, (fd, _) = self._open.popitem()
+    def _close_sync(self, writer: int) -> None:
+        """Close what a cut left open on write thread ``writer`` (run on that thread)."""
+        for fi in [fi for fi in self._open if fi % WRITE_THREADS == writer]:
+            fd, _ = self._open.pop(fi)
             os.close(fd)
 
     def _write_sync(
@@ -290,7 +311,7 @@ class Staging:
         hasher: Any,
     ) -> str | None:
         if file_index in self._spoilt:
-            return None  # never reported: finished() stops at the chunk that failed
+            raise _Dropped(file_index)  # finished() stops at the chunk that failed, before this
         if callable(data):
             try:
                 data = data()
@@ -303,14 +324,15 @@ class Staging:
         fd, file_hasher = self._open.pop(file_index, (-1, None))
         if hasher is not None:
             file_hasher = hasher
-        if fd < 0:
-            if chunk_index == 0:
-                fd = os.open(self._part(file_index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            else:
-                # Resumed part-way: the held chunks are on disk (checked by resume_state).
-                fd = os.open(self._part(file_index), os.O_WRONLY, 0o600)
-                os.lseek(fd, chunk_index * self.manifest.chunk_size, os.SEEK_SET)
         try:
+            if fd < 0:
+                if chunk_index == 0:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                    fd = os.open(self._part(file_index), flags, 0o600)
+                else:
+                    # Resumed part-way: the held chunks are on disk (checked by resume_state).
+                    fd = os.open(self._part(file_index), os.O_WRONLY, 0o600)
+                    os.lseek(fd, chunk_index * self.manifest.chunk_size, os.SEEK_SET)
             if file_hasher is not None:
                 file_hasher.update(data)
             if chunk_index == 0:
@@ -321,7 +343,11 @@ class Staging:
             while view:
                 view = view[os.write(fd, view) :]
         except BaseException:
-            os.close(fd)
+            # The file's later chunks are dropped: its part keeps whole chunks before this one
+            # and what this one tore (a resume cuts a torn chunk off), never a gap.
+            self._spoilt.add(file_index)
+            if fd >= 0:
+                os.close(fd)
             raise
         if not last:
             self._open[file_index] = (fd, file_hasher)
@@ -361,9 +387,24 @@ class Staging:
         os.chmod(part, PLACED_MODE)
         try:
             # A link, not a rename: it never replaces a file already there.
-            os.link(part, final)
+            try:
+                os.link(part, final)
+            except FileNotFoundError:
+                # its folder was removed meanwhile (say, by an import service): check it again
+                self._dir_ok.pop(final.parent, None)
+                self._made.discard(final.parent)
+                if not self._folder_inside(final.parent):
+                    part.unlink(missing_ok=True)
+                    return "its path would leave the destination folder"
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(final.parent)
+                os.link(part, final)
         except FileExistsError:
-            same = file_digest.of_file(final) == inst.digest
+            # a symbolic link in its place is never taken for the instance
+            same = (
+                not final.is_symlink()
+                and file_digest.of_file(final, self.manifest.digest_algorithm) == inst.digest
+            )
             part.unlink()
             if not same:
                 return (
@@ -374,6 +415,16 @@ class Staging:
             part.unlink()
         self._dirs.update((final.parent, final.parent.parent))
         return None
+
+    def _folder_inside(self, folder: Path) -> bool:
+        """Whether ``folder`` resolves inside the destination (checked once per folder; the
+        destination belongs to the node, so this guards how paths are built, not a local
+        user who may write there)."""
+        ok = self._dir_ok.get(folder)
+        if ok is None:
+            resolved = folder.resolve()
+            ok = self._dir_ok[folder] = resolved == self._root or self._root in resolved.parents
+        return ok
 
     def _sync_dirs(self) -> None:
         # Every folder of the study, not only those this connection placed into: after a
@@ -393,12 +444,7 @@ class Staging:
     def _check(self, file_index: int, part: Path, final: Path, sop_uid: str) -> str | None:
         # The file name is a sanitised UID (uid_filename: never a separator, "." or ".."), so
         # checking its folder once, before creating it, keeps every file of the series inside.
-        folder = final.parent
-        ok = self._dir_ok.get(folder)
-        if ok is None:
-            resolved = folder.resolve()
-            ok = self._dir_ok[folder] = resolved == self._root or self._root in resolved.parents
-        if not ok or final.name in ("", ".", ".."):
+        if not self._folder_inside(final.parent) or final.name in ("", ".", ".."):
             return "its path would leave the destination folder"
         try:
             # read from the first chunk as it was written, else (rarely) from the file
@@ -432,7 +478,7 @@ def held_chunks(
         if (
             final.is_file()
             and final.stat().st_size == inst.size
-            and file_digest.of_file(final) == inst.digest
+            and file_digest.of_file(final, m.digest_algorithm) == inst.digest
         ):
             have[fi] = m.chunk_count(fi)
             placed += 1

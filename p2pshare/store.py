@@ -128,7 +128,7 @@ def _offer(row: sqlite3.Row) -> Offer:
         spoken_code=row["spoken_code"],
         qr_secret=row["qr_secret"],
         study_uid=row["study_uid"],
-        manifest=Manifest.from_bytes(row["manifest"]),
+        manifest=Manifest.from_bytes(row["manifest"], stored=True),
         sources=json.loads(row["sources"]),
         created=row["created"],
         expires=row["expires"],
@@ -468,7 +468,7 @@ class Store:
         row = self.db.execute(
             "SELECT manifest FROM transfers WHERE id = ?", (transfer_job,)
         ).fetchone()
-        return Manifest.from_bytes(row[0]) if row is not None and row[0] else None
+        return Manifest.from_bytes(row[0], stored=True) if row is not None and row[0] else None
 
     def list_transfers(self, limit: int = 100) -> list[dict[str, Any]]:
         """Received transfers, newest first, with their study summary (for the staff web app)."""
@@ -478,7 +478,7 @@ class Store:
             row = self.db.execute("SELECT manifest FROM transfers WHERE id = ?", (job,)).fetchone()
             d = self.get_transfer(job)
             assert d is not None
-            d["study"] = Manifest.from_bytes(row[0]).summary() if row[0] else None
+            d["study"] = Manifest.from_bytes(row[0], stored=True).summary() if row[0] else None
             out.append(d)
         return out
 

@@ -420,3 +420,15 @@ def test_relpath_of_valid_uids_is_only_digits_and_dots():
     inst = _inst(7)
     assert inst.relpath(STUDY) == f"{STUDY}/{SERIES}/{SERIES}.7.dcm"
     assert set(inst.relpath(STUDY)) <= set("0123456789./dcm")
+
+
+def test_file_digests_are_blake3_and_sha256_only_for_version_1(tmp_path) -> None:
+    from blake3 import blake3
+
+    from p2pshare import digest as file_digest
+
+    path = tmp_path / "f"
+    path.write_bytes(b"pixel data" * 1000)
+    assert file_digest.of_file(path) == blake3(path.read_bytes()).hexdigest()
+    assert file_digest.of_file(path, "sha256") == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _manifest().digest_algorithm == "blake3"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -323,7 +324,10 @@ async def test_drain_reports_a_disk_error(harness: Harness, study: StudyScan) ->
     with pytest.raises(TransferError) as info:
         await s.drain()
     assert "No space left on device" in info.value.message
-    assert s.finished() == []  # a file that failed to write has no digest
+    # a file that failed to write has no digest: finished() says why instead
+    with pytest.raises(TransferError) as again:
+        s.finished()
+    assert again.value.message == info.value.message
 
 
 # -- the identity read from the first chunk ------------------------------------------------------------
@@ -471,3 +475,51 @@ async def test_chunks_after_an_unreadable_one_are_not_kept_in_its_place(
     # and hashes them as if they were 0, 1, 2, so the resumed file can never verify
     for fi, n in have.items():
         assert prefix[fi].hexdigest() == file_digest.of_bytes(content[: n * CHUNK])
+
+
+# -- the destination changing under the transfer ----------------------------------------------------
+
+
+async def test_a_series_folder_removed_meanwhile_is_made_again(
+    harness: Harness, study: StudyScan
+) -> None:
+    m = study.manifest
+    same = [
+        i
+        for i in range(len(m.instances))
+        if m.instances[i].series_instance_uid == m.instances[0].series_instance_uid
+    ]
+    assert len(same) >= 2
+    first, second = same[:2]
+    s = harness.make(m)
+    await write_file(s, study, first)
+    s.verified(first)
+    await s.settle()
+    folder = final_path(harness.out, m, first).parent
+    shutil.rmtree(folder)  # say, an import service took the series away
+    await write_file(s, study, second)
+    s.verified(second)
+    await s.settle()
+    assert final_path(harness.out, m, second).read_bytes() == data(study, second)
+    assert s.failures == {}
+
+
+async def test_a_symbolic_link_in_an_instance_place_is_not_taken_for_it(
+    harness: Harness, study: StudyScan, tmp_path: Path
+) -> None:
+    m = study.manifest
+    s = harness.make(m)
+    elsewhere = tmp_path / "elsewhere.dcm"
+    elsewhere.write_bytes(data(study, 4))  # the very bytes, but outside the destination
+    target = final_path(harness.out, m, 4)
+    target.parent.mkdir(parents=True)
+    target.symlink_to(elsewhere)
+    await write_file(s, study, 4)
+    s.verified(4)
+    await s.settle()
+    uid = m.instances[4].sop_instance_uid
+    assert s.failures == {
+        4: f"instance {uid}: a different file with this SOP Instance UID is already in the "
+        "destination; it was left as it was"
+    }
+    assert target.is_symlink() and elsewhere.read_bytes() == data(study, 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from p2pshare import crypto
 from p2pshare import digest as file_digest
-from p2pshare.errors import PeerKeyChanged
+from p2pshare.errors import ManifestError, PeerKeyChanged
 from p2pshare.manifest import Instance, Manifest, Series
 from p2pshare.store import MAX_FAILED_ATTEMPTS, Offer, Store
 
@@ -531,3 +532,27 @@ def test_receives_that_can_no_longer_resume_are_failed_and_their_staging_given_b
     # later, the sweep ends the other one once its ticket expired
     assert store.expire_receives(NOW + 61) == ["/srv/incoming/.p2pshare-partial/live"]
     assert store.resume_secret("transfers", "live", NOW) is None
+
+
+def _as_version_1(m: Manifest) -> bytes:
+    """The same study as a node before per-file BLAKE3 stored it: version 1, SHA-256 per file."""
+    d = m.to_dict()
+    d["version"] = 1
+    for inst in d["instances"]:
+        inst["sha256"] = inst.pop("blake3")
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def test_a_transfer_stored_with_a_version_1_manifest_still_reads(store: Store) -> None:
+    # Received before the upgrade: history, viewer and PACS export read it from the database.
+    old = _as_version_1(manifest(3))
+    store.add_transfer("old", NOW, "/srv/incoming")
+    store.update_transfer("old", state="complete", manifest=old)
+    m = store.get_transfer_manifest("old")
+    assert m is not None and m.version == 1 and m.digest_algorithm == "sha256"
+    assert m.to_bytes() == old  # the signed bytes, unchanged
+    listed = store.list_transfers()
+    assert [t["id"] for t in listed] == ["old"] and listed[0]["study"]["instances"] == 3
+    # but a peer may not send one
+    with pytest.raises(ManifestError, match="reads version 2"):
+        Manifest.from_bytes(old)

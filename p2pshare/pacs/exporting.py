@@ -117,7 +117,7 @@ def check_complete(received: Received, transfer_job: str) -> list[tuple[Path, An
     bad = 0
     for inst in m.instances:
         path = received.out_dir / inst.relpath(m.study_instance_uid)
-        if not _matches(path, inst.size, inst.digest):
+        if not _matches(path, inst.size, inst.digest, m.digest_algorithm):
             bad += 1
             continue
         found.append((path, inst))
@@ -129,9 +129,9 @@ def check_complete(received: Received, transfer_job: str) -> list[tuple[Path, An
     return found
 
 
-def _matches(path: Path, size: int, digest: str) -> bool:
+def _matches(path: Path, size: int, digest: str, algorithm: str) -> bool:
     try:
-        return path.stat().st_size == size and file_digest.of_file(path) == digest
+        return path.stat().st_size == size and file_digest.of_file(path, algorithm) == digest
     except OSError:
         return False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import shutil
@@ -115,6 +116,7 @@ class ReceiverRun:
         self.s.start()
         await self._flush()
         lost = True  # until something other than a lost connection ends the run
+        cancelled = False
         try:
             while not self._closed:
                 if self.receipt is not None:
@@ -143,24 +145,34 @@ class ReceiverRun:
             if self.receipt is None and self.s.manifest is None:
                 raise
         except asyncio.CancelledError:
+            cancelled = True
             lost = self.e.stopping  # a node shutting down keeps what arrived, for a resume
             raise
         except BaseException:
             lost = False
             raise
         finally:
+            #: what the write threads found before the stream ended: an altered chunk or a
+            #: failed disk explains the end better than the cut that followed
+            found: P2PShareError | None = None
             if self.staging is not None and self.receipt is None:
                 try:
-                    await self._salvage()
+                    found = await self._salvage()
                 except Exception as exc:  # noqa: BLE001 - winding up must still close staging
                     log.warning(
                         "files that arrived before the end were not placed (%s)", type(exc).__name__
                     )
+            explains = found is not None and lost and not cancelled
+            if found is not None:
+                lost = False  # altered or not written: nothing of it may be resumed
             if self.staging is not None:
                 # A lost connection keeps what arrived for a resume (private staging folder);
                 # every other ending removes partial patient data.
                 self.keep_staging = lost and self.receipt is None and self._resumable()
                 await self.staging.close(remove_staging=not self.keep_staging)
+            if explains:
+                assert found is not None
+                raise found
         if self.receipt is None:
             total = len(self.manifest.instances) if self.s.manifest else 0
             if total:
@@ -188,28 +200,40 @@ class ReceiverRun:
             if not done:
                 return
             for fi, digest in done:
-                assert digest is not None  # every file's first chunk came with its hasher
-                self.s.file_hashed(fi, digest)
+                if digest is not None:  # always: every file's first chunk came with a hasher
+                    self.s.file_hashed(fi, digest)
 
-    async def _salvage(self) -> None:
+    async def _salvage(self) -> P2PShareError | None:
         """The stream ended early: files whose every chunk had arrived, up to the first chunk
         that failed, still count. Their digests are reported once their writes finish, and
-        the verified ones are placed, as they would have been a moment later."""
+        the verified ones are placed, as they would have been a moment later.
+
+        Returns what the write threads found, if anything: a chunk that failed to open (as the
+        integrity error it is) or a disk error. Safe to call again.
+        """
         staging = self.staging
         assert staging is not None
-        try:
+        found: P2PShareError | None = None
+        with contextlib.suppress(TransferError):  # finished() reports it, in stream order
             await staging.drain()
+        try:
             while done := staging.finished():
                 for fi, digest in done:
-                    assert digest is not None
-                    self.s.file_hashed(fi, digest)
-        except (ChunkUnreadable, TransferError):
-            pass  # nothing past a failed chunk counts; a disk error is reported already
+                    if digest is not None:
+                        self.s.file_hashed(fi, digest)
+        except ChunkUnreadable as exc:
+            try:
+                self.s.chunk_unreadable(exc.file_index, exc.chunk_index)
+            except RemoteProtocolError as err:
+                found = self._as_transfer_error(err)
+        except TransferError as exc:
+            found = exc
         for event in self.s.take_events():
             if isinstance(event, ev.FileVerified):
                 staging.verified(event.file_index)
             elif isinstance(event, ev.FileRejected):
                 await staging.rejected(event.file_index, event.reason)
+        return found
 
     def _keep_ticket(self) -> None:
         e = self.e
@@ -427,6 +451,11 @@ class ReceiverRun:
         elif isinstance(event, ev.Closed):
             self._closed = True
         elif isinstance(event, ev.RemoteError):
+            if event.code.startswith("consent") and self.staging is not None:
+                # the count below includes what was still being written and placed
+                await self._salvage()
+                with contextlib.suppress(TransferError):
+                    await self.staging.settle()
             raise self._remote_error(event)
 
     async def _conclude(self) -> None:

@@ -71,6 +71,9 @@ class Attack:
     cut_after: int | None = None
     #: CUT: end the receiver's side with a reset instead of an orderly FIN
     reset: bool = False
+    #: FLIP: then cut both connections right after the altered message (the receiver may find
+    #: the alteration only after the connection is gone)
+    then_cut: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -413,6 +416,8 @@ class MitmProxy:
             applied.detail = {"offset": a.offset, "bit": a.bit}
             tampered = WsMessage(OP_BINARY, bytes(payload), ws_frame(OP_BINARY, bytes(payload)))
             await self._forward(writer, writers, tampered.raw, tampered)
+            if a.then_cut:
+                self._cut_now(writer, writers)
         elif a.kind == DROP:
             pass
         elif a.kind == REPLAY:

@@ -313,6 +313,14 @@ API_CASES = {
         r"chunk 0 of instance {uid} failed authentication: it was altered",
         ATTACKED,
     ),
+    # the connection is gone before the receiver has opened the altered chunk: still the
+    # alteration, not a lost connection to resume
+    "flip-then-cut": Case(
+        at_chunk(FLIP, offset=PROTO_HEADER + 1000, bit=3, then_cut=True),
+        "integrity",
+        r"chunk 0 of instance {uid} failed authentication: it was altered",
+        ATTACKED,
+    ),
     "drop-chunk": Case(
         at_chunk(DROP),
         "integrity",
@@ -388,6 +396,8 @@ async def test_tampering_is_detected_and_nothing_unverified_is_kept(
         if case.code == "integrity":
             assert uid in err["message"]
             assert err["message"].endswith("Nothing unverified was kept.")
+            # altered data is never kept for a resume
+            assert not (out / ".p2pshare-partial").exists()
         assert not any(e["event"] == "complete" for e in run.events)
         assert_no_receipt(run.sender_view, run.sender_events)
         assert_only_verified(out, manifest, case.placed)
