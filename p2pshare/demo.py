@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import shutil
 import signal
 import socket
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from p2pshare import digest as file_digest
 from p2pshare.client import NodeClient, read_token
 
 if TYPE_CHECKING:
@@ -156,11 +156,7 @@ def tree_hashes(root: Path) -> list[str]:
     out = []
     for path in sorted(root.rglob("*")):
         if path.is_file() and ".p2pshare-partial" not in path.parts:
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-            out.append(h.hexdigest())
+            out.append(file_digest.of_file(path, "sha256"))
     return sorted(out)
 
 

@@ -42,6 +42,7 @@ from aiohttp import web
 
 from p2pshare import crypto
 from p2pshare.errors import ConfigError, CryptoError
+from p2pshare.node.httputil import listen
 from p2pshare.protocol.frames import MAX_FRAME
 
 log = logging.getLogger(__name__)
@@ -348,16 +349,7 @@ async def start_relay(
 ) -> tuple[web.AppRunner, web.Application]:
     """Start a relay; returns its runner (``runner.addresses`` holds the bound port)."""
     app = create_relay_app(config, tap)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(
-            f"cannot listen on {config.host}:{config.port} ({exc.strerror}); choose another --port"
-        ) from exc
+    runner = await listen(app, config.host, config.port, "choose another --port")
     return runner, app
 
 

@@ -381,9 +381,7 @@ class Staging:
         if problem:
             part.unlink(missing_ok=True)
             return problem
-        if final.parent not in self._made:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(final.parent)
+        self._make_folder(final.parent)
         os.chmod(part, PLACED_MODE)
         try:
             # A link, not a rename: it never replaces a file already there.
@@ -396,8 +394,7 @@ class Staging:
                 if not self._folder_inside(final.parent):
                     part.unlink(missing_ok=True)
                     return "its path would leave the destination folder"
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self._made.add(final.parent)
+                self._make_folder(final.parent)
                 os.link(part, final)
         except FileExistsError:
             # a symbolic link in its place is never taken for the instance
@@ -425,6 +422,11 @@ class Staging:
             resolved = folder.resolve()
             ok = self._dir_ok[folder] = resolved == self._root or self._root in resolved.parents
         return ok
+
+    def _make_folder(self, folder: Path) -> None:
+        if folder not in self._made:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._made.add(folder)
 
     def _sync_dirs(self) -> None:
         # Every folder of the study, not only those this connection placed into: after a

@@ -41,7 +41,7 @@ from p2pshare.node import (
     viewer_routes,
     web_routes,
 )
-from p2pshare.node.httputil import actor, read_json, require_operator
+from p2pshare.node.httputil import actor, listen, read_json, require_operator
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key, token_key
 from p2pshare.protocol.frames import MAX_FRAME
 from p2pshare.store import Store
@@ -436,17 +436,9 @@ def create_app(config: NodeConfig) -> web.Application:
 async def start(config: NodeConfig) -> tuple[web.AppRunner, web.Application]:
     """Start a node and return its runner; the bound addresses are filled in."""
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(
-            f"cannot listen on {config.host}:{config.port} ({exc.strerror}); is another node "
-            f"running there? Choose another --port"
-        ) from exc
+    runner = await listen(
+        app, config.host, config.port, "is another node running there? Choose another --port"
+    )
     for addr in runner.addresses:
         app[service.addresses_key].append((addr[0], addr[1]))
     if config.discovery and app[service.addresses_key]:

@@ -56,3 +56,17 @@ def require_operator(request: web.Request) -> None:
             ),
             content_type="application/json",
         )
+
+
+async def listen(app: web.Application, host: str, port: int, busy_hint: str) -> web.AppRunner:
+    """Serve ``app`` on ``host:port``; a port that cannot be had is a ConfigError that says
+    ``busy_hint`` (what to do), not a traceback."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); {busy_hint}") from exc
+    return runner
