@@ -5,6 +5,7 @@ Run by hand (never from the test suite)::
     .venv/bin/python bench/transfer.py                 # ~300 MB, 600-slice CT study
     .venv/bin/python bench/transfer.py --compare       # + plaintext aiohttp upload + dcmtk
     .venv/bin/python bench/transfer.py --slices 4000   # ~2 GB: is memory flat?
+    .venv/bin/python bench/transfer.py --compare --ceiling  # + the floor any Python receiver has
 
 Reports, per p2pshare transfer: MB/s of the stream, seconds from pairing to the first verified
 instance, pairing latency and the peak RSS (VmHWM) of each node process. With ``--compare`` the
@@ -14,12 +15,22 @@ all three alike, and medians and ratios are printed.
 dcmtk as Debian ships it (3.6.7) leaves Nagle's algorithm on and crawls at ~12 MB/s; its
 programs honour ``TCP_NODELAY=1`` in the environment, and we give both a 128 KiB PDU, which is
 its best. Every receiver writes to the same filesystem.
+
+Every contestant starts from the same state (:func:`start_clean`): earlier output deleted and
+flushed, the kernel's caches dropped when the benchmark runs as root, the study and the programs
+read back into the page cache. Without that, on a journal-less ext4 (this machine's), whoever
+runs right after 600 files were deleted pays for them: for a minute the kernel checks every
+recently freed inode before it hands out a new one (``perf`` showed half of file creation in
+``recently_deleted``), and writing the same 316 MB cost 0.1 s or 0.8 s depending on what ran
+before. See docs/throughput.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -40,6 +51,28 @@ from p2pshare.demo import free_port, spawn_node, stop_node, transfer, tree_hashe
 from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
 
 
+def start_clean(study: Path, programs: tuple[str, ...] = ()) -> bool:
+    """Put the machine in the same state before each contestant; True if caches were dropped.
+
+    Dirty pages are flushed and, as root, the page, dentry and inode caches dropped, so no
+    contestant pays for the files a previous one wrote or deleted. The study and ``programs``
+    are then read back, so every sender reads from memory, as it would a study it just scanned.
+    """
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3")
+        dropped = True
+    except OSError:
+        dropped = False
+    paths: list[str | Path] = [*study_files(study), *(shutil.which(p) or p for p in programs)]
+    for path in paths:
+        with contextlib.suppress(OSError), open(path, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    return dropped
+
+
 def study_files(study: Path) -> list[Path]:
     return sorted(p for p in study.rglob("*") if p.is_file())
 
@@ -49,7 +82,7 @@ def dir_bytes(root: Path) -> int:
 
 
 async def run_p2pshare(study: Path, work: Path, round_no: int) -> dict[str, Any]:
-    os.sync()  # start clean: no other run's dirty pages for our flushes to wait on
+    start_clean(study)
     sender = await spawn_node("Bench Referring", work / f"s{round_no}")
     receiver = await spawn_node("Bench Trauma", work / f"r{round_no}")
     out = work / f"out-p2p-{round_no}"
@@ -67,6 +100,7 @@ async def run_p2pshare(study: Path, work: Path, round_no: int) -> dict[str, Any]
 
 async def run_plain_http(study: Path, work: Path, round_no: int) -> float:
     """Plaintext baseline: the same files PUT one after another over one keep-alive connection."""
+    start_clean(study)
     out = work / f"out-http-{round_no}"
     out.mkdir(parents=True)
 
@@ -107,6 +141,8 @@ def run_dcmtk(study: Path, work: Path, round_no: int) -> tuple[float, float] | N
     """
     if not shutil.which("storescu") or not shutil.which("storescp"):
         return None
+    # storescp, started below, loads the libraries storescu shares with it
+    start_clean(study, ("storescu", "storescp"))
     out = work / f"out-dcmtk-{round_no}"
     out.mkdir(parents=True)
     port = free_port()
@@ -150,6 +186,35 @@ def run_dcmtk(study: Path, work: Path, round_no: int) -> tuple[float, float] | N
     return nbytes / 1e6 / seconds, nbytes / 1e6 / durable
 
 
+def run_floor(study: Path, work: Path, round_no: int, transport: str) -> float:
+    """bench/ceiling.py over ``transport``: the least a Python sender and receiver must do for
+    this study (see its docstring); MB/s until every instance is durably in place."""
+    start_clean(study)
+    out = work / f"out-floor-{transport}-{round_no}"
+    port = free_port()
+    common = ["--transport", transport, "--port", str(port), "--study", str(study)]
+    common += ["--key", os.urandom(32).hex()]
+    script = str(ROOT / "bench" / "ceiling.py")
+    sender = subprocess.Popen(
+        [sys.executable, script, "send", *common], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
+        done = subprocess.run(
+            [sys.executable, script, "receive", *common, "--out", str(out)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        try:
+            sender.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            sender.kill()
+            sender.wait()
+    return float(json.loads(done.stdout.splitlines()[-1])["mb_per_s"])
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,6 +222,12 @@ async def main() -> None:
     ap.add_argument("--slices", type=int, default=600, help="CT slices of 512x512 (600 ≈ 300 MB)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compare", action="store_true", help="also plaintext HTTP and dcmtk")
+    ap.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also bench/ceiling.py: the least a Python sender and receiver must do, over "
+        "aiohttp's WebSocket and over a plain asyncio stream",
+    )
     ap.add_argument(
         "--cache",
         default=str(Path(tempfile.gettempdir()) / "p2pshare-bench"),
@@ -168,11 +239,17 @@ async def main() -> None:
     size = dir_bytes(study)
     print(f"study: {len(study_files(study))} files, {size / 1e6:.0f} MB")
 
+    if not start_clean(study):
+        print(
+            "note: not root, so the kernel's caches are not dropped between contestants; "
+            "figures depend on what ran in the last minute (see docs/throughput.md)"
+        )
     work = Path(tempfile.mkdtemp(prefix="p2pshare-bench-", dir=args.cache))
     p2p: list[dict[str, Any]] = []
     plain: list[float] = []
     dcmtk: list[float] = []
     dcmtk_durable: list[float] = []
+    floors: dict[str, list[float]] = {"ws": [], "stream": []}
     try:
         for i in range(args.rounds):
             p2p.append(await run_p2pshare(study, work, i))
@@ -197,6 +274,14 @@ async def main() -> None:
                         if dcmtk
                         else ", dcmtk not installed"
                     ),
+                    flush=True,
+                )
+            if args.ceiling:
+                for transport, got in floors.items():
+                    got.append(run_floor(study, work, i, transport))
+                print(
+                    f"         floor over aiohttp WebSocket {floors['ws'][-1]:.0f} MB/s, "
+                    f"over a plain asyncio stream {floors['stream'][-1]:.0f} MB/s",
                     flush=True,
                 )
     finally:
@@ -231,6 +316,14 @@ async def main() -> None:
             f"| dcmtk, until its files are on disk too | {med(dcmtk_durable):.0f} MB/s "
             f"(p2pshare ratio {mbps / med(dcmtk_durable):.2f}) |"
         )
+    for transport, label in (("ws", "aiohttp WebSocket"), ("stream", "plain asyncio stream")):
+        if floors[transport]:
+            floor = med(floors[transport])
+            versus = f", ratio to dcmtk {floor / med(dcmtk):.2f}" if dcmtk else ""
+            print(
+                f"| floor: the least Python must do, over {label} | {floor:.0f} MB/s "
+                f"(p2pshare ratio {mbps / floor:.2f}{versus}) |"
+            )
 
 
 if __name__ == "__main__":

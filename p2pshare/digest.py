@@ -28,7 +28,7 @@ def hasher(data: bytes = b"") -> blake3:
     return blake3(data)
 
 
-def of_bytes(data: bytes) -> str:
+def of_bytes(data: bytes | bytearray | memoryview) -> str:
     return blake3(data).hexdigest()
 
 
