@@ -17,6 +17,7 @@ named after the patient): this module logs UIDs and counts only.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -299,6 +300,10 @@ def scan(path: str | Path, *, chunk_size: int = 1024 * 1024) -> ScanReport:
     return report
 
 
+#: Files up to this size (every ordinary CT or MR slice) are read into memory once, whole.
+WHOLE_READ_BYTES = 8 * 1024 * 1024
+
+
 def _inspect(item: _Candidate) -> _Found | Skipped:
     """Parse one file's header and hash its bytes; any failure becomes a Skipped reason."""
     if item.size == 0:
@@ -307,12 +312,24 @@ def _inspect(item: _Candidate) -> _Found | Skipped:
         return Skipped(item.name, REASON_TOO_LARGE)
     try:
         with item.opener() as fp:
-            try:
-                header = parse_header(fp)
-            except DicomError as exc:
-                return Skipped(item.name, exc.message)
-            fp.seek(0)
-            size, digest = file_digest.of_stream(fp)
+            # one byte more than listed tells a file that grew since (it is then streamed)
+            whole = fp.read(item.size + 1) if item.size <= WHOLE_READ_BYTES else None
+            if whole is not None and len(whole) <= item.size:
+                # Read once: parsed from memory (pydicom asks a file for its position at every
+                # element, a system call each time) and hashed from the same bytes.
+                try:
+                    header = parse_header(io.BytesIO(whole))
+                except DicomError as exc:
+                    return Skipped(item.name, exc.message)
+                size, digest = len(whole), file_digest.of_bytes(whole)
+            else:  # large, or grew since it was listed: streamed, never held whole
+                fp.seek(0)
+                try:
+                    header = parse_header(fp)
+                except DicomError as exc:
+                    return Skipped(item.name, exc.message)
+                fp.seek(0)
+                size, digest = file_digest.of_stream(fp)
     except OSError as exc:
         return Skipped(item.name, f"unreadable: {(exc.strerror or 'read error').lower()}")
     except zipfile.BadZipFile:

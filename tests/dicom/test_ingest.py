@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import ImplicitVRLittleEndian
 
 from p2pshare import digest as file_digest
+from p2pshare.dicom import ingest
 from p2pshare.dicom.ingest import ScanReport, Skipped, Source, scan
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
 from p2pshare.errors import ConfigError, InputError, StudyChoiceError
@@ -421,6 +423,26 @@ def test_hashing_streams_the_file_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert report.study(None).manifest.instances[0].digest == digest(big)
     assert peak < 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("listed", ["smaller", "larger"])
+def test_a_file_that_changed_size_since_it_was_listed_is_hashed_as_it_is_now(
+    tmp_path: Path, listed: str
+) -> None:
+    """An ordinary file is read once, whole, at the size the listing gave; one that grew since
+    is streamed instead, so its digest and size always cover the bytes that will be sent."""
+    path = make_study(tmp_path / "s")[0]
+    size = path.stat().st_size
+    item = ingest._Candidate(
+        path.name,
+        Source(str(path)),
+        functools.partial(path.open, "rb"),
+        size - 100 if listed == "smaller" else size + 100,
+    )
+    found = ingest._inspect(item)
+    assert isinstance(found, ingest._Found)
+    assert (found.size, found.digest) == (size, digest(path))
+    assert found.header.sop_instance_uid == dcmread(path).SOPInstanceUID
 
 
 def test_report_reasons_use_the_text_before_the_colon() -> None:
