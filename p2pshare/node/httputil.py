@@ -13,9 +13,10 @@ from typing import Any
 from aiohttp import web
 
 from p2pshare.errors import ConfigError
+from p2pshare.users import Session
 
 #: where the auth gate keeps a signed-in staff session (absent for the operator's token)
-staff_key = "p2pshare.staff"
+staff_key = web.RequestKey("p2pshare.staff", Session)
 #: who the operator is, in the audit
 OPERATOR = "api-token"
 
