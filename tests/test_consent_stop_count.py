@@ -26,11 +26,9 @@ import pytest
 
 from p2pshare import codes, crypto
 from p2pshare.config import NodeConfig
-from p2pshare.dicom.ingest import StudyScan, scan
-from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
+from p2pshare.dicom.ingest import StudyScan
 from p2pshare.errors import ConsentStopped
 from p2pshare.jobs import Jobs
-from p2pshare.manifest import MIN_CHUNK
 from p2pshare.protocol import events as ev
 from p2pshare.protocol.receiver import open_chunk
 from p2pshare.protocol.sender import SenderSession
@@ -38,13 +36,8 @@ from p2pshare.store import Store
 from p2pshare.transfer import receiving
 from p2pshare.transfer.engine import Engine
 from tests.protocol.helpers import OFFER_ID, consent_record_for
+from tests.small_study import make_small_study
 
-CHUNK = MIN_CHUNK  # 4 KiB: the synthetic files below take 3, 3, 2, 2 and 1 chunks
-SERIES = [
-    SeriesSpec("HEAD", 2, 64, 64, 5.0, "head"),
-    SeriesSpec("CHEST", 2, 48, 48, 5.0, "chest"),
-    SeriesSpec("TINY", 1, 32, 32, 5.0, "abdomen"),
-]
 SECRET = b"k" * 32  # the QR offer's secret: its password is tests.protocol.helpers.PASSWORD
 #: files whose every chunk is sent before the sender stops for consent
 COMPLETE = 3
@@ -56,11 +49,7 @@ COUNT = re.compile(
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> StudyScan:
-    root = tmp_path_factory.mktemp("study")
-    generate_ct_study(root, seed=11, series=SERIES)
-    found = scan(root, chunk_size=CHUNK).study(None)
-    assert [found.manifest.chunk_count(i) for i in range(5)] == [3, 3, 2, 2, 1]
-    return found
+    return make_small_study(tmp_path_factory.mktemp("study"))
 
 
 class Gate:

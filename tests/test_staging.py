@@ -16,27 +16,18 @@ import pytest
 
 from p2pshare import staging as staging_module
 from p2pshare.dicom.ingest import StudyScan, scan
-from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
+from p2pshare.dicom.synthetic import generate_ct_study
 from p2pshare.errors import TransferError
-from p2pshare.manifest import MIN_CHUNK, Manifest
+from p2pshare.manifest import Manifest
 from p2pshare.staging import Staging
+from tests.small_study import CHUNK, SERIES, make_small_study
 
-CHUNK = MIN_CHUNK  # 4 KiB: the synthetic files below take 3, 2 and 1 chunks
-SERIES = [
-    SeriesSpec("HEAD", 2, 64, 64, 5.0, "head"),
-    SeriesSpec("CHEST", 2, 48, 48, 5.0, "chest"),
-    SeriesSpec("TINY", 1, 32, 32, 5.0, "abdomen"),
-]
 TID = "00112233445566778899aabbccddeeff"
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> StudyScan:
-    root = tmp_path_factory.mktemp("study")
-    generate_ct_study(root, seed=11, series=SERIES)
-    found = scan(root, chunk_size=CHUNK).study(None)
-    assert [found.manifest.chunk_count(i) for i in range(5)] == [3, 3, 2, 2, 1]
-    return found
+    return make_small_study(tmp_path_factory.mktemp("study"))
 
 
 @pytest.fixture(scope="module")

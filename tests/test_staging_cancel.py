@@ -26,12 +26,11 @@ from pathlib import Path
 import pytest
 
 from p2pshare import digest as file_digest
-from p2pshare.manifest import MIN_CHUNK, Instance, Manifest, Series
+from p2pshare.manifest import MIN_CHUNK
 from p2pshare.staging import WRITE_THREADS, Staging
+from tests.protocol.helpers import make_manifest
 
 CHUNK = MIN_CHUNK
-STUDY = "1.2.826.0.1.3680043.8.498.77"
-SERIES = f"{STUDY}.1"
 TID = "00112233445566778899aabbccddeeff"
 #: how long a waiter is given to (wrongly) finish while a write thread is still blocked
 GRACE_S = 0.2
@@ -43,30 +42,8 @@ def make_files() -> list[bytes]:
     return [rng.randbytes(3 * CHUNK - 100), rng.randbytes(CHUNK // 2)]
 
 
-def make_manifest(files: list[bytes]) -> Manifest:
-    return Manifest(
-        study_instance_uid=STUDY,
-        study_description="CT TRAUMA",
-        patient={"name": "TEST^PATIENT"},
-        series=(Series(SERIES, "CT", "Axial", 1),),
-        chunk_size=CHUNK,
-        instances=tuple(
-            Instance(
-                sop_instance_uid=f"{SERIES}.{i + 1}",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                series_instance_uid=SERIES,
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
-                size=len(data),
-                digest=file_digest.of_bytes(data),
-                instance_number=i + 1,
-            )
-            for i, data in enumerate(files)
-        ),
-    )
-
-
 FILES = make_files()
-MANIFEST = make_manifest(FILES)
+MANIFEST = make_manifest(FILES, chunk_size=CHUNK)
 assert 0 % WRITE_THREADS != 1 % WRITE_THREADS  # the two files go to different write threads
 
 
