@@ -5,12 +5,12 @@ Run by hand (never from the test suite)::
     .venv/bin/python bench/transfer.py                 # ~300 MB, 600-slice CT study
     .venv/bin/python bench/transfer.py --compare       # + plaintext aiohttp upload + dcmtk
     .venv/bin/python bench/transfer.py --slices 4000   # ~2 GB: is memory flat?
-    .venv/bin/python bench/transfer.py --compare --ceiling  # + the floor any Python receiver has
+    .venv/bin/python bench/transfer.py --compare --floor  # + the same work with no protocol
 
 Reports, per p2pshare transfer: MB/s of the stream, seconds from pairing to the first verified
 instance, pairing latency and the peak RSS (VmHWM) of each node process. With ``--compare`` the
-rounds are interleaved (p2pshare, plain HTTP, dcmtk, p2pshare, …) so that a noisy neighbour hurts
-all three alike, and medians and ratios are printed.
+rounds are interleaved, each round starting with the next contestant, so that a noisy neighbour
+or what ran just before hurts all of them alike; medians and ratios are printed.
 
 dcmtk as Debian ships it (3.6.7) leaves Nagle's algorithm on and crawls at ~12 MB/s; its
 programs honour ``TCP_NODELAY=1`` in the environment, and we give both a 128 KiB PDU, which is
@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,32 +187,43 @@ def run_dcmtk(study: Path, work: Path, round_no: int) -> tuple[float, float] | N
     return nbytes / 1e6 / seconds, nbytes / 1e6 / durable
 
 
+#: bench/floor.py's transports, as the table names them
+FLOOR_TRANSPORTS = {
+    "ws": "aiohttp WebSocket",
+    "http": "aiohttp HTTP stream",
+    "stream": "plain asyncio stream",
+}
+
+
 def run_floor(study: Path, work: Path, round_no: int, transport: str) -> float:
-    """bench/ceiling.py over ``transport``: the least a Python sender and receiver must do for
-    this study (see its docstring); MB/s until every instance is durably in place."""
+    """bench/floor.py over ``transport``: the work a transfer needs, with no protocol (see its
+    docstring); MB/s until every instance is durably in place."""
     start_clean(study)
     out = work / f"out-floor-{transport}-{round_no}"
     port = free_port()
     common = ["--transport", transport, "--port", str(port), "--study", str(study)]
     common += ["--key", os.urandom(32).hex()]
-    script = str(ROOT / "bench" / "ceiling.py")
+    script = str(ROOT / "bench" / "floor.py")
     sender = subprocess.Popen(
         [sys.executable, script, "send", *common], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
+        if sender.stdout is None or sender.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the floor's sender ({transport}) did not start")
         done = subprocess.run(
             [sys.executable, script, "receive", *common, "--out", str(out)],
-            check=True,
             capture_output=True,
             text=True,
+            timeout=600,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"the floor's receiver ({transport}) failed: {done.stderr.strip()}")
+        sender.wait(timeout=30)
     finally:
-        try:
-            sender.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        if sender.poll() is None:
             sender.kill()
             sender.wait()
+        shutil.rmtree(out, ignore_errors=True)
     return float(json.loads(done.stdout.splitlines()[-1])["mb_per_s"])
 
 
@@ -223,10 +235,10 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compare", action="store_true", help="also plaintext HTTP and dcmtk")
     ap.add_argument(
-        "--ceiling",
+        "--floor",
         action="store_true",
-        help="also bench/ceiling.py: the least a Python sender and receiver must do, over "
-        "aiohttp's WebSocket and over a plain asyncio stream",
+        help="also bench/floor.py: the work a transfer needs with no protocol, over aiohttp's "
+        "WebSocket, an aiohttp HTTP stream and a plain asyncio stream",
     )
     ap.add_argument(
         "--cache",
@@ -249,41 +261,47 @@ async def main() -> None:
     plain: list[float] = []
     dcmtk: list[float] = []
     dcmtk_durable: list[float] = []
-    floors: dict[str, list[float]] = {"ws": [], "stream": []}
+    floors: dict[str, list[float]] = {t: [] for t in FLOOR_TRANSPORTS}
+
+    async def p2pshare_round(i: int) -> str:
+        p2p.append(await run_p2pshare(study, work, i))
+        f = p2p[-1]
+        return (
+            f"p2pshare {f['mb_per_s']:.0f} MB/s (pairing {f['pairing_s'] * 1000:.0f} ms, first "
+            f"instance {f['first_instance_s'] * 1000:.0f} ms, RSS {f['rss_sender_mb']:.0f}/"
+            f"{f['rss_receiver_mb']:.0f} MB, identical={f['identical']})"
+        )
+
+    async def plain_round(i: int) -> str:
+        plain.append(await run_plain_http(study, work, i))
+        return f"plain HTTP {plain[-1]:.0f} MB/s"
+
+    async def dcmtk_round(i: int) -> str:
+        d = run_dcmtk(study, work, i)
+        if d is None:
+            return "dcmtk not installed"
+        dcmtk.append(d[0])
+        dcmtk_durable.append(d[1])
+        return f"dcmtk {d[0]:.0f} MB/s ({d[1]:.0f} MB/s on disk)"
+
+    def floor_round(transport: str) -> Callable[[int], Awaitable[str]]:
+        async def one(i: int) -> str:
+            floors[transport].append(run_floor(study, work, i, transport))
+            return f"floor over {FLOOR_TRANSPORTS[transport]} {floors[transport][-1]:.0f} MB/s"
+
+        return one
+
+    contestants: list[Callable[[int], Awaitable[str]]] = [p2pshare_round]
+    if args.compare:
+        contestants += [plain_round, dcmtk_round]
+    if args.floor:
+        contestants += [floor_round(t) for t in FLOOR_TRANSPORTS]
     try:
         for i in range(args.rounds):
-            p2p.append(await run_p2pshare(study, work, i))
-            f = p2p[-1]
-            print(
-                f"round {i + 1}: p2pshare {f['mb_per_s']:.0f} MB/s "
-                f"(pairing {f['pairing_s'] * 1000:.0f} ms, first instance "
-                f"{f['first_instance_s'] * 1000:.0f} ms, RSS {f['rss_sender_mb']:.0f}/"
-                f"{f['rss_receiver_mb']:.0f} MB, identical={f['identical']})",
-                flush=True,
-            )
-            if args.compare:
-                plain.append(await run_plain_http(study, work, i))
-                d = run_dcmtk(study, work, i)
-                if d is not None:
-                    dcmtk.append(d[0])
-                    dcmtk_durable.append(d[1])
-                print(
-                    f"         plain HTTP {plain[-1]:.0f} MB/s"
-                    + (
-                        f", dcmtk {dcmtk[-1]:.0f} MB/s ({dcmtk_durable[-1]:.0f} MB/s on disk)"
-                        if dcmtk
-                        else ", dcmtk not installed"
-                    ),
-                    flush=True,
-                )
-            if args.ceiling:
-                for transport, got in floors.items():
-                    got.append(run_floor(study, work, i, transport))
-                print(
-                    f"         floor over aiohttp WebSocket {floors['ws'][-1]:.0f} MB/s, "
-                    f"over a plain asyncio stream {floors['stream'][-1]:.0f} MB/s",
-                    flush=True,
-                )
+            # each round starts with the next contestant, so none always follows the same one
+            k = i % len(contestants)
+            for run in contestants[k:] + contestants[:k]:
+                print(f"round {i + 1}: {await run(i)}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -316,12 +334,17 @@ async def main() -> None:
             f"| dcmtk, until its files are on disk too | {med(dcmtk_durable):.0f} MB/s "
             f"(p2pshare ratio {mbps / med(dcmtk_durable):.2f}) |"
         )
-    for transport, label in (("ws", "aiohttp WebSocket"), ("stream", "plain asyncio stream")):
+    for transport, label in FLOOR_TRANSPORTS.items():
         if floors[transport]:
             floor = med(floors[transport])
-            versus = f", ratio to dcmtk {floor / med(dcmtk):.2f}" if dcmtk else ""
+            versus = (
+                f"; ratio to dcmtk {floor / med(dcmtk):.2f}, to dcmtk on disk "
+                f"{floor / med(dcmtk_durable):.2f}"
+                if dcmtk
+                else ""
+            )
             print(
-                f"| floor: the least Python must do, over {label} | {floor:.0f} MB/s "
+                f"| floor (no protocol) over {label} | {floor:.0f} MB/s "
                 f"(p2pshare ratio {mbps / floor:.2f}{versus}) |"
             )
 

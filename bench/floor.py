@@ -1,29 +1,31 @@
-"""The least a Python receiver must do per instance, timed: the floor under p2pshare's figure.
+"""The floor under p2pshare's throughput: the work a transfer needs, timed with no protocol.
 
 Two processes on 127.0.0.1 and one study. The sender reads each file and seals it whole with
 p2pshare's own sealing (XChaCha20-Poly1305, as in the product). The receiver, per instance, does
-what issue 2 asks of any receiver and nothing more:
+what issue 2 asks of a receiver and nothing more:
 
 * opens the record (authenticated decryption);
 * hashes the plaintext (BLAKE3) and compares it with the digest it expects;
 * writes it to a part file;
 * reads its UIDs from the header (``identity_from_head``, pydicom underneath);
-* after one ``syncfs`` per batch, links it into place under its SOP Instance UID.
+* after one ``syncfs`` per batch, links it into place under its SOP Instance UID, and syncs the
+  folders at the end (durable, as p2pshare's receipt promises).
 
 There is no pairing, manifest, acknowledgement, window, progress, database, audit or resume. The
 receiver runs on one thread, but for flushing and linking, which a second thread does batch by
-batch, as p2pshare's staging does. Two transports:
+batch, as p2pshare's staging does. Three transports:
 
 * ``ws``: an aiohttp WebSocket, one binary message per instance (p2pshare's wire);
+* ``http``: one aiohttp HTTP response streaming every record, read with ``readexactly``;
 * ``stream``: a plain asyncio stream, records received straight into one buffer
-  (``asyncio.BufferedProtocol``), with no WebSocket framing.
+  (``asyncio.BufferedProtocol``): no aiohttp at all.
 
-``bench/transfer.py --compare --ceiling`` runs both between its other contestants, from the same
-clean state. What p2pshare loses against the ``ws`` floor is its own machinery; what the ``ws``
-floor loses against the ``stream`` floor is aiohttp's WebSocket. Run alone::
+``bench/transfer.py --compare --floor`` runs them between its other contestants, from the same
+clean state. What p2pshare loses against the ``ws`` floor is its own machinery; what one floor
+loses against another is its transport. Run alone::
 
-    .venv/bin/python bench/ceiling.py send --transport ws --port 9000 --study DIR --key HEX &
-    .venv/bin/python bench/ceiling.py receive --transport ws --port 9000 --study DIR --key HEX \\
+    .venv/bin/python bench/floor.py send --transport ws --port 9000 --study DIR --key HEX &
+    .venv/bin/python bench/floor.py receive --transport ws --port 9000 --study DIR --key HEX \\
         --out OUT
 """
 
@@ -54,6 +56,12 @@ from p2pshare.staging import syncfs  # noqa: E402
 
 #: record header: instance index, plaintext length (also the record's associated data)
 RECORD = struct.Struct(">II")
+TRANSPORTS = ("ws", "http", "stream")
+PATH = "/floor"
+#: the stream receiver's buffer; it grows for a record that does not fit
+STREAM_BUFFER = 16 << 20
+#: the least free space the stream receiver offers the socket at a time
+MIN_READ = 1 << 20
 #: how often the receiver makes a batch durable and links it into place (p2pshare's commit
 #: thread batches the same way, as fast as syncfs returns)
 BATCH_S = 0.02
@@ -72,11 +80,17 @@ def record(key: bytes, index: int, data: bytes) -> bytearray:
 
 
 async def send(transport: str, port: int, files: list[Path], key: bytes) -> None:
-    """Serve the study to one receiver, then exit."""
+    """Serve the study to one receiver, then exit. A failure here ends the connection, so the
+    receiver stops too."""
     done = asyncio.get_running_loop().create_future()
-    if transport == "ws":
 
-        async def handler(request: web.Request) -> web.WebSocketResponse:
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    if transport in ("ws", "http"):
+
+        async def over_ws(request: web.Request) -> web.WebSocketResponse:
             ws = web.WebSocketResponse(max_msg_size=64 << 20)
             await ws.prepare(request)
             try:
@@ -85,12 +99,25 @@ async def send(transport: str, port: int, files: list[Path], key: bytes) -> None
                     await ws.send_bytes(cast(bytes, record(key, i, path.read_bytes())))
                 await ws.receive()  # the receiver closes once everything is in place
             finally:
-                if not done.done():
-                    done.set_result(None)
+                finished()
             return ws
 
+        async def over_http(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse()
+            try:
+                resp.content_length = sum(
+                    RECORD.size + p.stat().st_size + crypto.TAG_BYTES for p in files
+                )
+                await resp.prepare(request)
+                for i, path in enumerate(files):
+                    await resp.write(cast(bytes, record(key, i, path.read_bytes())))
+                await resp.write_eof()
+            finally:
+                finished()
+            return resp
+
         app = web.Application()
-        app.router.add_get("/ceiling", handler)
+        app.router.add_get(PATH, over_ws if transport == "ws" else over_http)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -115,13 +142,17 @@ async def send(transport: str, port: int, files: list[Path], key: bytes) -> None
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.writable.set()
-            if not done.done():
-                done.set_result(None)
+            finished()
 
         async def run(self) -> None:
-            for i, path in enumerate(files):
-                self.tr.write(record(key, i, path.read_bytes()))
-                await self.writable.wait()
+            try:
+                for i, path in enumerate(files):
+                    self.tr.write(record(key, i, path.read_bytes()))
+                    await self.writable.wait()
+            except BaseException:
+                self.tr.abort()  # the receiver sees the connection end
+                finished()
+                raise
 
     server = await asyncio.get_running_loop().create_server(Sender, "127.0.0.1", port)
     print("ready", flush=True)
@@ -203,7 +234,7 @@ class Placer:
 async def receive(transport: str, port: int, placer: Placer, count: int) -> None:
     if transport == "ws":
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(f"ws://127.0.0.1:{port}/ceiling", max_msg_size=64 << 20)
+            ws = await http.ws_connect(f"ws://127.0.0.1:{port}{PATH}", max_msg_size=64 << 20)
             for _ in range(count):
                 msg = await ws.receive()
                 if msg.type != aiohttp.WSMsgType.BINARY:
@@ -214,22 +245,41 @@ async def receive(transport: str, port: int, placer: Placer, count: int) -> None
             await ws.close()
         return
 
+    if transport == "http":
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{PATH}") as r:
+            if r.status != 200:
+                raise SystemExit(f"the sender failed (HTTP {r.status})")
+            try:
+                for _ in range(count):
+                    header = await r.content.readexactly(RECORD.size)
+                    _, length = RECORD.unpack(header)
+                    placer.take(header, await r.content.readexactly(length + crypto.TAG_BYTES))
+            except asyncio.IncompleteReadError:
+                raise SystemExit("the sender closed the connection early") from None
+            placer.finish()
+        return
+
     loop = asyncio.get_running_loop()
     finished = loop.create_future()
 
     class Receiver(asyncio.BufferedProtocol):
         def __init__(self) -> None:
-            self.buf = bytearray(16 << 20)
+            self.buf = bytearray(STREAM_BUFFER)
             self.view = memoryview(self.buf)
-            self.start = 0
-            self.end = 0
+            self.start = 0  # the first byte not yet taken
+            self.end = 0  # the end of what arrived
             self.records = 0
 
         def get_buffer(self, sizehint: int) -> memoryview:
-            if len(self.buf) - self.end < len(self.buf) // 2:  # move what is left to the front
+            if len(self.buf) - self.end < MIN_READ and self.start > 0:
+                # move the part of a record already here to the front
                 n = self.end - self.start
                 self.buf[:n] = self.view[self.start : self.end]
                 self.start, self.end = 0, n
+            if len(self.buf) - self.end < MIN_READ:  # one record larger than the buffer
+                self.view.release()
+                self.buf = self.buf + bytes(len(self.buf))
+                self.view = memoryview(self.buf)
             return self.view[self.end :]
 
         def buffer_updated(self, nbytes: int) -> None:
@@ -254,7 +304,8 @@ async def receive(transport: str, port: int, placer: Placer, count: int) -> None
 
     tr, _ = await loop.create_connection(Receiver, "127.0.0.1", port)
     try:
-        await finished
+        if count:
+            await finished
         placer.finish()
     finally:
         tr.close()
@@ -263,7 +314,7 @@ async def receive(transport: str, port: int, placer: Placer, count: int) -> None
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("role", choices=("send", "receive"))
-    ap.add_argument("--transport", choices=("ws", "stream"), default="ws")
+    ap.add_argument("--transport", choices=TRANSPORTS, default="ws")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--study", type=Path, required=True)
     ap.add_argument("--key", required=True, help="64 hex digits, the same on both sides")
@@ -274,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.role == "send":
         asyncio.run(send(args.transport, args.port, files, key))
         return
-    assert args.out is not None, "receive needs --out"
+    if args.out is None:
+        ap.error("receive needs --out")
     # the digests a manifest would have listed, worked out before the clock starts
     placer = Placer(key, args.out, [file_digest.of_file(p, "blake3") for p in files])
     t0 = time.perf_counter()
