@@ -417,6 +417,14 @@ def _open_zip(path: Path, shown: str) -> zipfile.ZipFile:
         ) from None
 
 
+#: the zip compression methods read (every common archiver writes these)
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+REASON_ZIP_METHOD = (
+    "unreadable: unsupported zip compression (only stored and deflated members are read; "
+    "extract the archive and choose the folder)"
+)
+
+
 def _walk_zip(archive: zipfile.ZipFile, path: str) -> Iterator[_Candidate | Skipped]:
     infos = [i for i in archive.infolist() if not i.is_dir()]
     last = {info.filename: info for info in infos}
@@ -430,6 +438,11 @@ def _walk_zip(archive: zipfile.ZipFile, path: str) -> Iterator[_Candidate | Skip
             continue
         if name.rsplit("/", 1)[-1].upper() == "DICOMDIR":
             yield Skipped(name, REASON_DICOMDIR)
+            continue
+        if info.compress_type not in _ZIP_METHODS:
+            # zipfile inflates bzip2 and LZMA members without a bound: a few kilobytes can
+            # become gigabytes in memory before any size check
+            yield Skipped(name, REASON_ZIP_METHOD)
             continue
         yield _Candidate(name, Source(path, name), _member_opener(archive, info), info.file_size)
 

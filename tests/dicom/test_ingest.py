@@ -289,6 +289,38 @@ def test_zip_dicomdir_member_and_damaged_member_are_skipped(tmp_path: Path) -> N
     assert reasons["cd/zzz/broken.dcm"].startswith("unreadable:")
 
 
+def test_zip_members_compressed_with_bzip2_or_lzma_are_skipped_unopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zipfile inflates those methods without a bound (a few kilobytes of bzip2 can become
+    gigabytes in memory), so they are refused by their header, never decompressed."""
+    files = make_study(tmp_path / "study")
+    archive = tmp_path / "mixed.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(files[0], "a.dcm", compress_type=zipfile.ZIP_DEFLATED)
+        zf.write(files[1], "b.dcm", compress_type=zipfile.ZIP_STORED)
+        zf.write(files[2], "c.dcm", compress_type=zipfile.ZIP_BZIP2)
+        zf.write(files[3], "d.dcm", compress_type=zipfile.ZIP_LZMA)
+    opened: list[str] = []
+    real_open = zipfile.ZipFile.open
+
+    def watch(
+        self: zipfile.ZipFile, name: str | zipfile.ZipInfo, *a: object, **kw: object
+    ) -> object:
+        opened.append(name if isinstance(name, str) else name.filename)
+        return real_open(self, name, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", watch)
+
+    report = scan(archive)
+
+    assert len(report.study(None).manifest.instances) == 2
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert reasons == {"c.dcm": ingest.REASON_ZIP_METHOD, "d.dcm": ingest.REASON_ZIP_METHOD}
+    assert "extract the archive" in ingest.REASON_ZIP_METHOD
+    assert sorted(opened) == ["a.dcm", "b.dcm"]
+
+
 def test_source_open_fails_with_input_error_when_the_file_is_gone(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="scan the study again"):
         Source(str(tmp_path / "gone.dcm")).open()
