@@ -12,8 +12,9 @@ each whole file as it is on disk (or in the zip), and where it came from (:class
 the transfer can stream the same bytes later. Only the header is parsed (by
 :mod:`p2pshare.dicom.header`). A file up to :data:`WHOLE_READ_BYTES` (any ordinary slice) is
 read once, parsed from memory and hashed from the same bytes; a larger one is parsed from the
-file and hashed in 1 MiB reads, so memory stays flat whatever the study size. File names are shown to the user but never logged (folders are often
-named after the patient): this module logs UIDs and counts only.
+file and hashed in 1 MiB reads, so memory stays flat whatever the study size. File names are
+shown to the user but never logged (folders are often named after the patient): this module logs
+UIDs and counts only.
 """
 
 from __future__ import annotations
