@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from p2pshare import crypto  # noqa: E402
 from p2pshare import digest as file_digest  # noqa: E402
+from p2pshare.dicom.synthetic import study_files  # noqa: E402
 from p2pshare.dicom.verify import identity_from_head, read_identity_of_verified  # noqa: E402
 from p2pshare.errors import CryptoError  # noqa: E402
 from p2pshare.staging import syncfs  # noqa: E402
@@ -65,10 +66,6 @@ MIN_READ = 1 << 20
 #: how often the receiver makes a batch durable and links it into place (p2pshare's commit
 #: thread batches the same way, as fast as syncfs returns)
 BATCH_S = 0.02
-
-
-def study_files(study: Path) -> list[Path]:
-    return sorted(p for p in study.rglob("*") if p.is_file())
 
 
 def record(key: bytes, index: int, data: bytes) -> bytearray:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,14 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
+from p2pshare.dicom.synthetic import BENCH_CACHE, cached_bench_study, study_files  # noqa: E402
 from p2pshare.dicom.verify import identity_from_head, read_identity_of_verified  # noqa: E402
 
 CHUNK = 1 << 20  # the first transfer chunk
-
-
-def study_files(study: Path) -> list[Path]:
-    return sorted(p for p in study.rglob("*") if p.is_file())
 
 
 def per_file_us(fn: Callable[[int], object], count: int, rounds: int) -> list[float]:
@@ -58,7 +53,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument(
         "--cache",
-        default=str(Path(tempfile.gettempdir()) / "p2pshare-bench"),
+        default=str(BENCH_CACHE),
         help="where the generated study is kept between runs",
     )
     args = ap.parse_args()

@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from p2pshare.client import NodeClient, read_token  # noqa: E402
 from p2pshare.demo import free_port, spawn_node, stop_node, tree_hashes  # noqa: E402
-from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
+from p2pshare.dicom.synthetic import BENCH_CACHE, cached_bench_study  # noqa: E402
 
 #: a port nothing listens on: the direct path of a relay round leads nowhere
 DEAD = "127.0.0.1:9"
@@ -719,7 +719,7 @@ async def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument(
         "--cache",
-        default=str(Path(tempfile.gettempdir()) / "p2pshare-bench"),
+        default=str(BENCH_CACHE),
         help="where generated studies are kept between runs",
     )
     ap.add_argument("--forward-unix", help=argparse.SUPPRESS)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from p2pshare.client import NodeClient  # noqa: E402
 from p2pshare.demo import spawn_node, stop_node  # noqa: E402
-from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
+from p2pshare.dicom.synthetic import BENCH_CACHE, cached_bench_study  # noqa: E402
 from tests.pacs.peers import free_port, orthanc  # noqa: E402
 
 ENV = dict(os.environ, TCP_NODELAY="1")
@@ -115,7 +115,7 @@ async def main() -> None:
     )
     ap.add_argument("--slices", type=int, default=600, help="CT slices of 512x512 (600 ≈ 300 MB)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "p2pshare-bench"))
+    ap.add_argument("--cache", default=str(BENCH_CACHE))
     args = ap.parse_args()
     study = cached_bench_study(Path(args.cache), args.slices)
     files = [p for p in study.rglob("*") if p.is_file()]

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from p2pshare.demo import free_port, spawn_node, stop_node, transfer, tree_hashes  # noqa: E402
-from p2pshare.dicom.synthetic import cached_bench_study  # noqa: E402
+from p2pshare.dicom.synthetic import BENCH_CACHE, cached_bench_study, study_files  # noqa: E402
 
 
 def start_clean(study: Path, programs: tuple[str, ...] = ()) -> bool:
@@ -72,10 +72,6 @@ def start_clean(study: Path, programs: tuple[str, ...] = ()) -> bool:
             while fh.read(1 << 20):
                 pass
     return dropped
-
-
-def study_files(study: Path) -> list[Path]:
-    return sorted(p for p in study.rglob("*") if p.is_file())
 
 
 def dir_bytes(root: Path) -> int:
@@ -242,7 +238,7 @@ async def main() -> None:
     )
     ap.add_argument(
         "--cache",
-        default=str(Path(tempfile.gettempdir()) / "p2pshare-bench"),
+        default=str(BENCH_CACHE),
         help="where the generated study is kept between runs",
     )
     args = ap.parse_args()

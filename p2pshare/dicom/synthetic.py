@@ -24,6 +24,7 @@ import copy
 import hashlib
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -347,6 +348,15 @@ def _write_slice(
         data = pixels.astype(order, copy=False).tobytes()
         ds[0x7FE00010] = DataElement(0x7FE00010, "OW", data)
     dcmwrite(path, ds, enforce_file_format=True)
+
+
+#: where benchmarks keep their generated studies between runs (``--cache``)
+BENCH_CACHE = Path(tempfile.gettempdir()) / "p2pshare-bench"
+
+
+def study_files(study: Path) -> list[Path]:
+    """Every file below ``study``, in the order benchmarks number them (sorted paths)."""
+    return sorted(p for p in study.rglob("*") if p.is_file())
 
 
 def cached_bench_study(cache: Path, slices: int, say: Callable[[str], None] = print) -> Path:

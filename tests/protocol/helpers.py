@@ -78,6 +78,7 @@ def make_pair(
     offer_ref: str = OFFER_ID,
     spoken: bool = False,
     sender_cls: type[SenderSession] = SenderSession,
+    deferred: bool = False,
 ) -> tuple[SenderSession, ReceiverSession, crypto.Identity, crypto.Identity]:
     ids = crypto.Identity.generate(seeded(seed))
     idr = crypto.Identity.generate(seeded(seed + 100))
@@ -96,6 +97,7 @@ def make_pair(
         spoken=spoken,
         password=password_r,
         entropy=seeded(seed + 2),
+        deferred=deferred,
     )
     return sender, receiver, ids, idr
 

@@ -23,8 +23,6 @@ from p2pshare.protocol.frames import CHUNK_HEADER, FrameType
 from p2pshare.protocol.receiver import ReceiverSession, ReceiverState, open_chunk
 from p2pshare.protocol.sender import SenderSession, SenderState
 from tests.protocol.helpers import (
-    OFFER_ID,
-    PASSWORD,
     FrameTamper,
     Outcome,
     flip,
@@ -32,7 +30,6 @@ from tests.protocol.helpers import (
     make_manifest,
     make_pair,
     run,
-    seeded,
     wire_frames,
 )
 from tests.protocol.test_hostile import MisSizingSender
@@ -48,18 +45,10 @@ NOW = 1_700_000_000
 def make_deferred_pair(
     window: int = 4, seed: int = 1, *, sender_cls: type[SenderSession] = SenderSession
 ) -> tuple[SenderSession, ReceiverSession]:
-    """``make_pair``'s sender with a deferred receiver that is otherwise the same receiver (same
-    identity, name and entropy), so both modes put the very same bytes on the wire."""
-    sender, _, _, idr = make_pair(window=window, seed=seed, sender_cls=sender_cls)
-    receiver = ReceiverSession(
-        name="Trauma Centre Radiology",
-        public_key=idr.public_key,
-        sign=idr.sign,
-        offer_ref=OFFER_ID,
-        spoken=False,
-        password=PASSWORD,
-        entropy=seeded(seed + 2),
-        deferred=True,
+    """``make_pair`` with a deferred receiver: otherwise the same receiver (same identity, name
+    and entropy), so both modes put the very same bytes on the wire."""
+    sender, receiver, _, _ = make_pair(
+        window=window, seed=seed, sender_cls=sender_cls, deferred=True
     )
     return sender, receiver
 
