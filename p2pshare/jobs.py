@@ -32,6 +32,8 @@ class Job:
         self._clock = clock
         self._changed = asyncio.Event()
         self.task: asyncio.Task[Any] | None = None
+        #: the node is stopping: long-polls answer at once instead of holding up the shutdown
+        self.closing = False
 
     def emit(self, event: str, **fields: Any) -> None:
         self._seq += 1
@@ -59,7 +61,7 @@ class Job:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             found = self.since(after)
-            if found or self.done:
+            if found or self.done or self.closing:
                 return found
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -89,3 +91,10 @@ class Jobs:
 
     def all(self) -> list[Job]:
         return list(self._jobs.values())
+
+    def end_waits(self) -> None:
+        """The node is stopping: answer every long-poll now (a web page or a command may be
+        waiting up to its full timeout, and the server waits for it before it can stop)."""
+        for job in self._jobs.values():
+            job.closing = True
+            job._changed.set()

@@ -255,3 +255,17 @@ def test_the_registry_never_forgets_an_unfinished_job(monkeypatch: pytest.Monkey
     registry.create("receive", "j5")
     # Six jobs, at most two kept: all three finished ones go, the unfinished three stay.
     assert [j.id for j in registry.all()] == ["j3", "j4", "j5"]
+
+
+async def test_a_stopping_node_answers_every_long_poll_at_once() -> None:
+    """The server waits for open requests before it stops: a 20 s poll must not hold it up."""
+    registry = Jobs()
+    job = registry.create("receive", "j1")
+    job.emit("connecting")
+    polls = [asyncio.create_task(job.wait(1, 20.0)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(p.done() for p in polls)  # waiting for an event after seq 1
+    registry.end_waits()
+    answered = await asyncio.wait_for(asyncio.gather(*polls), 5)
+    assert answered == [[], [], []]
+    assert await asyncio.wait_for(job.wait(1, 20.0), 5) == []  # and any poll after that

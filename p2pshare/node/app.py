@@ -414,6 +414,13 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "index.html")
 
 
+async def _end_waits(app: web.Application) -> None:
+    """Stopping: answer the long-polls now. The server waits for every open request before it
+    runs the clean-up, and a job's events are polled for up to 20 s at a time."""
+    if jobs_key in app:
+        app[jobs_key].end_waits()
+
+
 def create_app(config: NodeConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
     app[config_key] = config
@@ -422,6 +429,7 @@ def create_app(config: NodeConfig) -> web.Application:
     app[service.notify_task_key] = set()
     app.cleanup_ctx.append(_locked)
     app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_end_waits)
     app.add_routes(routes)
     consent_routes.setup(app, WEB_DIR)
     web_routes.setup(app)
