@@ -158,6 +158,10 @@ EVENTS: dict[str, EventKind] = {
     "transfer-completed": EventKind(INSTANCES_TRANSFERRED, "R"),
     "transfer-failed": EventKind(INSTANCES_TRANSFERRED, "R"),
     "transfer-stopped": EventKind(INSTANCES_TRANSFERRED, "R"),
+    # staff called it off: here ("ok"), or at the receiving node ("by-receiver", as the sender)
+    "transfer-cancelled": EventKind(
+        INSTANCES_TRANSFERRED, "R", requestor="user", outcomes=(("by-receiver", MINOR),)
+    ),
     "staff-receive": EventKind(BEGIN_TRANSFERRING, "E", requestor="user"),
     "receipt-signed": EventKind(INSTANCES_TRANSFERRED, "C"),
     "receipt-received": EventKind(INSTANCES_TRANSFERRED, "R"),

@@ -313,6 +313,7 @@ async def cmd_send(args: argparse.Namespace, out: Output) -> int:
             f"Expires at {time.strftime('%H:%M:%S', time.localtime(offer['expires']))}. "
             f"Waiting for the receiver…"
         )
+        args.interrupted = "Interrupted; the offer was cancelled."
         try:
             return await _watch(client, offer["offer_id"], out, "send")
         except asyncio.CancelledError:
@@ -353,7 +354,22 @@ async def cmd_receive(args: argparse.Namespace, out: Output) -> int:
             job = await client.receive(args.code, args.out, args.sources or [])
         out.json({"type": "receiving", "job": job})
         out.say(f"Transfer job {job} (to resume after an interruption: --resume {job})")
-        return await _watch(client, job, out, "receive")
+        if args.node:
+            args.interrupted = (
+                "Interrupted; the transfer was cancelled on the node: what had not been verified "
+                "was deleted and the sender was told."
+            )
+        else:
+            args.interrupted = (
+                f"Interrupted. If the study had started to arrive, what arrived is kept: go on "
+                f"with p2pshare receive --resume {job} (while the sender's offer lasts)"
+            )
+        try:
+            return await _watch(client, job, out, "receive")
+        except asyncio.CancelledError:
+            if args.node:
+                await client.cancel_receive(job)
+            raise
 
 
 async def cmd_serve(args: argparse.Namespace, out: Output) -> int:
@@ -626,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except KeyboardInterrupt:
         out.close_bar()
-        print("Interrupted; the offer was cancelled.", file=sys.stderr)
+        print(getattr(args, "interrupted", "Interrupted."), file=sys.stderr)
         return EXIT_INTERRUPTED
     except (CodeError, ConfigError, InputError) as exc:
         return _fail(out, exc, EXIT_USAGE)

@@ -120,6 +120,16 @@ class NodeClient:
         with contextlib.suppress(P2PShareError):
             await self._call("DELETE", f"/api/v1/offers/{offer_id}")
 
+    async def cancel_receive(self, job: str) -> bool:
+        """Cancel a running or interrupted receive job; False if it had already ended."""
+        try:
+            await self._call("POST", f"/api/v1/transfers/{job}/cancel")
+        except ApiError as exc:
+            if exc.code == "not-cancellable":
+                return False
+            raise
+        return True
+
     async def resume(self, job: str) -> str:
         """Reconnect an interrupted receive job; returns the job id to follow."""
         data = await self._call("POST", "/api/v1/receive/resume", {"job": job})

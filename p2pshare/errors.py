@@ -20,6 +20,7 @@
     ├── TransferError             the transfer did not finish; names the file and the cause
     │   ├── IntegrityError        a chunk or file failed authentication or its hash
     │   ├── TransferAborted       the peer (or our user) stopped the transfer
+    │   │   └── ReceiverCancelled the receiving node's staff cancelled it (sender's side)
     │   └── ConnectionLost        the connection was cut before the receipt
     └── DicomError                a file could not be read as DICOM (translated from pydicom)
 
@@ -150,6 +151,18 @@ class IntegrityError(TransferError):
 
 class TransferAborted(TransferError):
     code = "aborted"
+
+
+class ReceiverCancelled(TransferAborted):
+    """The receiving node's staff cancelled the transfer; the sender's offer ends with it."""
+
+    code = "receiver-cancelled"
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(
+            f"{peer} cancelled the transfer on their side; nothing more will be sent and the "
+            f"offer is closed. Make a new offer if they ask for the study again"
+        )
 
 
 class ConsentStopped(TransferError):

@@ -372,6 +372,20 @@ async def get_transfer(request: web.Request) -> web.Response:
     return web.json_response(t)
 
 
+@routes.post("/api/v1/transfers/{job_id}/cancel")
+async def cancel_transfer(request: web.Request) -> web.Response:
+    """Stop a receive that is running or waiting to be resumed: what had not been verified and
+    placed is deleted, the sender is told, and it can no longer be resumed."""
+    job_id = request.match_info["job_id"]
+    if not await service.cancel_receive(request.app, job_id, actor=actor(request)):
+        raise web.HTTPConflict(
+            text='{"error": "not-cancellable", "message": "no running or interrupted transfer '
+            'with that id on this node (it may have finished already)"}',
+            content_type="application/json",
+        )
+    return web.json_response({"cancelled": True})
+
+
 @routes.get("/api/v1/jobs/{job_id}/events")
 async def job_events(request: web.Request) -> web.Response:
     job = request.app[jobs_key].get(request.match_info["job_id"])

@@ -487,15 +487,70 @@ def _receive_cancelled(app: web.Application, job: Job) -> None:
     """A receive task was cancelled: by its operator (partial data removed), or because the
     node is stopping (kept: the transfer is interrupted and can resume after the restart)."""
     store, engine = app[store_key], app[engine_key]
-    t = store.get_transfer(job.id)
     if engine.stopping and load_resume(store, job.id, engine.now()) is not None:
         store.update_transfer(job.id, state="interrupted")
         job.finish("error", code="interrupted", message="the node stopped; resume after restart")
         return
+    _discard_receive(app, job.id)
+    job.finish("error", code="cancelled", message=RECEIVE_CANCELLED)
+
+
+#: What the receiving side is told when its own staff cancel a transfer.
+RECEIVE_CANCELLED = (
+    "the transfer was cancelled on this node; what had arrived was deleted and the sender was "
+    "told. Ask the sender to offer the study again if it is still needed"
+)
+
+#: How long cancelling waits for a running receive to tell the sender and remove its data.
+CANCEL_WAIT_S = 5.0
+
+#: The receive states a person may cancel: running, or waiting to be resumed.
+CANCELLABLE_RECEIVES = ("connecting", "paired", "receiving", "interrupted")
+
+
+def _discard_receive(app: web.Application, job_id: str) -> None:
+    """End a receive for good: partial data removed, its resume ticket forgotten."""
+    store, engine = app[store_key], app[engine_key]
+    t = store.get_transfer(job_id)
     if t and t.get("staging"):
         shutil.rmtree(t["staging"], ignore_errors=True)
-    store.update_transfer(job.id, state="cancelled", finished=engine.now())
-    job.finish("error", code="cancelled", message="the transfer was cancelled on this node")
+    store.update_transfer(
+        job_id,
+        state="cancelled",
+        finished=engine.now(),
+        error="cancelled on this node",
+        resume_id=None,
+        resume_secret=None,
+    )
+
+
+async def cancel_receive(app: web.Application, job_id: str, actor: str = "api-token") -> bool:
+    """Cancel a receive that is running or waiting to be resumed; False if there is none.
+
+    A running one is stopped: its task tells the sender (sealed, after pairing) that this node
+    cancelled, so the sender ends its offer instead of waiting for a resume. Either way the
+    staging folder (everything not yet verified and placed) is deleted and the transfer can no
+    longer be resumed. Instances already verified and placed in the destination stay there,
+    listed as what they are: a partial study, not a complete one.
+
+    Returns once the receive has ended (a running one gets ``CANCEL_WAIT_S`` to wind up).
+    """
+    store, engine, jobs = app[store_key], app[engine_key], app[jobs_key]
+    t = store.get_transfer(job_id)
+    job = jobs.get(job_id)
+    running = job is not None and not job.done and job.task is not None and not job.task.done()
+    if t is None or (t["state"] not in CANCELLABLE_RECEIVES and not running):
+        return False
+    engine.audit("transfer-cancelled", "ok", transfer=job_id, user=actor, state=t["state"])
+    if running:
+        assert job is not None and job.task is not None
+        job.task.cancel()  # the node is not stopping: the run tells the sender
+        await asyncio.wait([job.task], timeout=CANCEL_WAIT_S)
+    else:
+        _discard_receive(app, job_id)
+        if job is not None and not job.done:
+            job.finish("error", code="cancelled", message=RECEIVE_CANCELLED)
+    return True
 
 
 def _finish_receive(

@@ -21,6 +21,7 @@ from p2pshare.errors import (
     OfferUnavailable,
     P2PShareError,
     PeerKeyChanged,
+    ReceiverCancelled,
     RemoteProtocolError,
     TransferAborted,
     TransferError,
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: After signing the receipt, how long to wait for the sender's orderly CLOSE.
 CLOSE_WAIT_S = 10.0
+#: How long a cancelled receive tries to tell the sender before it lets the connection go.
+TELL_CANCELLED_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ class ReceiverRun:
         except asyncio.CancelledError:
             cancelled = True
             lost = self.e.stopping  # a node shutting down keeps what arrived, for a resume
+            if not self.e.stopping and self._paired:
+                await self._tell_cancelled()
             raise
         except BaseException:
             lost = False
@@ -170,6 +175,9 @@ class ReceiverRun:
                 # every other ending removes partial patient data.
                 self.keep_staging = lost and self.receipt is None and self._resumable()
                 await self.staging.close(remove_staging=not self.keep_staging)
+                if self.receipt is None:
+                    # however it ended, the record says how many instances are in place
+                    self.e.store.update_transfer(self.job.id, verified=self.staging.placed)
             if explains:
                 assert found is not None
                 raise found
@@ -298,6 +306,14 @@ class ReceiverRun:
 
     def _resumable(self) -> bool:
         return self.e.store.resume_secret("transfers", self.job.id, self.e.now()) is not None
+
+    async def _tell_cancelled(self) -> None:
+        """This node's staff cancelled the transfer: say so to the sender (sealed), so that it
+        ends the offer rather than keep it open for a resume. Best effort, briefly."""
+        self.s.refuse(ReceiverCancelled.code, "the receiving node's staff cancelled the transfer")
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(TELL_CANCELLED_S):
+                await self._flush()
 
     async def _flush(self) -> None:
         out = self.s.data_to_send()

@@ -16,6 +16,7 @@ from p2pshare.errors import (
     OfferUnavailable,
     P2PShareError,
     PeerKeyChanged,
+    ReceiverCancelled,
     RemoteProtocolError,
     TransferAborted,
     TransferError,
@@ -314,6 +315,8 @@ class SenderRun:
             self.s.close()
             self._done = True
         elif isinstance(event, ev.RemoteError):
+            if event.code == ReceiverCancelled.code:
+                raise ReceiverCancelled(self.s.peer_name or "the receiving node")
             raise TransferAborted(f"the receiver stopped: {event.message}")
         elif isinstance(event, ev.Closed):
             self._done = True
@@ -551,8 +554,15 @@ class SenderRun:
             if e.on_interrupted is not None:
                 e.on_interrupted(self.offer_id)
             return
-        e.store.set_offer_state(self.offer_id, FAILED, error=exc.message)
-        e.audit("transfer-failed", exc.code, offer=self.offer_id, peer=offer.peer_fingerprint)
+        if isinstance(exc, ReceiverCancelled):
+            # Their decision, not a fault: the offer ends here, with no resume to wait for.
+            e.store.set_offer_state(self.offer_id, CANCELLED, error=exc.message)
+            e.store.consents.end_link(self.offer_id)
+            e.audit("transfer-cancelled", "by-receiver", offer=self.offer_id,
+                    peer=offer.peer_fingerprint)  # fmt: skip
+        else:
+            e.store.set_offer_state(self.offer_id, FAILED, error=exc.message)
+            e.audit("transfer-failed", exc.code, offer=self.offer_id, peer=offer.peer_fingerprint)
         self._finish("error", code=exc.code, message=exc.message)
 
 
