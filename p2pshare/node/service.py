@@ -487,6 +487,11 @@ def _receive_cancelled(app: web.Application, job: Job) -> None:
     """A receive task was cancelled: by its operator (partial data removed), or because the
     node is stopping (kept: the transfer is interrupted and can resume after the restart)."""
     store, engine = app[store_key], app[engine_key]
+    t = store.get_transfer(job.id)
+    if t is not None and t["state"] == "complete" and t["receipt"]:
+        # Everything was in place and signed for; only the sender's CLOSE was still awaited.
+        _finish_receive(app, job, t["receipt"], Path(t["out_dir"]), t.get("path") or "direct")
+        return
     if engine.stopping and load_resume(store, job.id, engine.now()) is not None:
         store.update_transfer(job.id, state="interrupted")
         job.finish("error", code="interrupted", message="the node stopped; resume after restart")
@@ -537,10 +542,10 @@ async def cancel_receive(app: web.Application, job_id: str, actor: str = "api-to
     """
     store, engine, jobs = app[store_key], app[engine_key], app[jobs_key]
     t = store.get_transfer(job_id)
+    if t is None or t["state"] not in CANCELLABLE_RECEIVES:
+        return False  # unknown, or ended (complete, failed, cancelled): nothing to call off
     job = jobs.get(job_id)
     running = job is not None and not job.done and job.task is not None and not job.task.done()
-    if t is None or (t["state"] not in CANCELLABLE_RECEIVES and not running):
-        return False
     engine.audit("transfer-cancelled", "ok", transfer=job_id, user=actor, state=t["state"])
     if running:
         assert job is not None and job.task is not None
