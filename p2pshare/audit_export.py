@@ -162,6 +162,7 @@ EVENTS: dict[str, EventKind] = {
     "transfer-cancelled": EventKind(
         INSTANCES_TRANSFERRED, "R", requestor="user", outcomes=(("by-receiver", MINOR),)
     ),
+    "cancel-notified": EventKind(INSTANCES_TRANSFERRED, "R", outcomes=(("unreachable", MINOR),)),
     "staff-receive": EventKind(BEGIN_TRANSFERRING, "E", requestor="user"),
     "receipt-signed": EventKind(INSTANCES_TRANSFERRED, "C"),
     "receipt-received": EventKind(INSTANCES_TRANSFERRED, "R"),

@@ -28,7 +28,7 @@ from p2pshare.jobs import Job
 from p2pshare.node.keys import config_key, engine_key, jobs_key, store_key
 from p2pshare.staging import held_chunks
 from p2pshare.store import CANCELLED, INTERRUPTED, SENDING, Store
-from p2pshare.transfer import paths, relay_client
+from p2pshare.transfer import paths, receiving, relay_client
 from p2pshare.transfer.channel import Channel, connect
 from p2pshare.transfer.receiving import Resume
 from p2pshare.transfer.relay_client import registrar_key
@@ -533,7 +533,8 @@ async def cancel_receive(app: web.Application, job_id: str, actor: str = "api-to
     """Cancel a receive that is running or waiting to be resumed; False if there is none.
 
     A running one is stopped: its task tells the sender (sealed, after pairing) that this node
-    cancelled, so the sender ends its offer instead of waiting for a resume. Either way the
+    cancelled, so the sender ends its offer instead of waiting for a resume. A sender that was
+    cut off is told over a reconnection with the resume ticket, in the background. Either way the
     staging folder (everything not yet verified and placed) is deleted and the transfer can no
     longer be resumed. Instances already verified and placed in the destination stay there,
     listed as what they are: a partial study, not a complete one.
@@ -546,16 +547,54 @@ async def cancel_receive(app: web.Application, job_id: str, actor: str = "api-to
         return False  # unknown, or ended (complete, failed, cancelled): nothing to call off
     job = jobs.get(job_id)
     running = job is not None and not job.done and job.task is not None and not job.task.done()
+    resume = load_resume(store, job_id, engine.now())  # before the ticket is forgotten
     engine.audit("transfer-cancelled", "ok", transfer=job_id, user=actor, state=t["state"])
     if running:
         assert job is not None and job.task is not None
-        job.task.cancel()  # the node is not stopping: the run tells the sender
+        job.task.cancel()  # the node is not stopping: a connected run tells the sender
         await asyncio.wait([job.task], timeout=CANCEL_WAIT_S)
     else:
         _discard_receive(app, job_id)
         if job is not None and not job.done:
             job.finish("error", code="cancelled", message=RECEIVE_CANCELLED)
+    told = job is not None and any(e["event"] == receiving.SENDER_TOLD for e in job.events)
+    if resume is not None and not told:
+        # cut off (interrupted, or between reconnections): the sender still waits for a resume
+        _tell_sender(app, job_id, resume)
     return True
+
+
+#: How long telling a cut-off sender about a cancel may take, connecting included.
+TELL_TIMEOUT_S = 30.0
+
+
+def _tell_sender(app: web.Application, job_id: str, resume: Resume) -> None:
+    """In the background, reconnect with the ticket only to tell the sending node that the
+    transfer was cancelled here; audited either way (``cancel-notified``)."""
+    cfg, engine = app[config_key], app[engine_key]
+
+    async def run() -> None:
+        told = False
+        try:
+            async with aiohttp.ClientSession() as http, asyncio.timeout(TELL_TIMEOUT_S):
+                channel = await _open_resume(app, resume, http)
+                try:
+                    bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
+                    told = await receiving.tell_cancelled(engine, bounded, resume)
+                finally:
+                    await channel.close()
+        except (P2PShareError, TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.info("could not tell the sending node about a cancel (%s)", type(exc).__name__)
+        engine.audit(
+            "cancel-notified",
+            "ok" if told else "unreachable",
+            transfer=job_id,
+            peer=resume.sender_fingerprint,
+        )
+
+    task = asyncio.create_task(run())
+    app[receive_tasks_key].add(task)
+    task.add_done_callback(app[receive_tasks_key].discard)
 
 
 def _finish_receive(

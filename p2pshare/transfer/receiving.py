@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 CLOSE_WAIT_S = 10.0
 #: How long a cancelled receive tries to tell the sender before it lets the connection go.
 TELL_CANCELLED_S = 2.0
+#: What the sender is told when this node's staff cancel, and the job event once it was sent.
+CANCELLED_MESSAGE = "the receiving node's staff cancelled the transfer"
+SENDER_TOLD = "sender-told"
 
 
 @dataclass(frozen=True)
@@ -310,10 +313,11 @@ class ReceiverRun:
     async def _tell_cancelled(self) -> None:
         """This node's staff cancelled the transfer: say so to the sender (sealed), so that it
         ends the offer rather than keep it open for a resume. Best effort, briefly."""
-        self.s.refuse(ReceiverCancelled.code, "the receiving node's staff cancelled the transfer")
+        self.s.refuse(ReceiverCancelled.code, CANCELLED_MESSAGE)
         with contextlib.suppress(Exception, TimeoutError):
             async with asyncio.timeout(TELL_CANCELLED_S):
                 await self._flush()
+                self.job.emit(SENDER_TOLD)
 
     async def _flush(self) -> None:
         out = self.s.data_to_send()
@@ -584,3 +588,48 @@ class ReceiverRun:
             files_verified=placed,
             files_total=len(self.manifest.instances),
         )
+
+
+async def tell_cancelled(engine: Engine, channel: Channel, resume: Resume) -> bool:
+    """Reconnect with an interrupted transfer's ticket only to say that this node's staff
+    cancelled it, so the sender ends its offer instead of waiting for a resume until the ticket
+    expires. Returns whether the sealed ERROR went out; raises nothing the caller must handle
+    but ConnectionLost. The pairing is the resume's: the ticket's secret as the password, and
+    the node that answers must be the one that paired before."""
+    s = ReceiverSession(
+        name=engine.config.name,
+        public_key=engine.identity.public_key,
+        sign=engine.identity.sign,
+        offer_ref=resume.ticket,
+        spoken=False,
+        password=resume.secret,
+        resume_offer=resume.offer_id,
+    )
+
+    async def flush() -> None:
+        if out := s.data_to_send():
+            await channel.send(out)
+
+    s.start()
+    await flush()
+    while (data := await channel.recv()) is not None:
+        s.receive_data(data)
+        try:
+            while (event := s.next_event()) is not None:
+                if isinstance(event, ev.PeerIdentity):
+                    if event.fingerprint != resume.sender_fingerprint:
+                        s.refuse("wrong-node", "the receiving node expected another sending node")
+                        await flush()
+                        return False
+                    s.trust_peer()
+                elif isinstance(event, ev.Paired):
+                    s.refuse(ReceiverCancelled.code, CANCELLED_MESSAGE)
+                    await flush()
+                    return True
+                elif isinstance(event, ev.RemoteError):
+                    return False  # e.g. the ticket ended already: nothing to tell
+        except RemoteProtocolError:
+            await flush()
+            return False
+        await flush()
+    return False

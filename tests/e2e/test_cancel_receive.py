@@ -163,11 +163,14 @@ async def test_ctrl_c_on_receive_with_node_cancels_the_receive_while_consent_is_
     assert not any((tmp_path / "in").rglob("*.dcm"))
 
 
+@pytest.mark.parametrize("sender_up", [True, False], ids=["sender-told", "sender-down"])
 async def test_an_interrupted_receive_can_be_cancelled_after_a_restart(
-    tmp_path: Path, cancel_study: Path
+    tmp_path: Path, cancel_study: Path, sender_up: bool
 ) -> None:
-    """The receiving node died mid-stream: after its restart the transfer waits to be resumed;
-    cancelling it deletes what was kept and the ticket no longer works."""
+    """The receiving node died mid-stream: after its restart the transfer waits to be resumed.
+    Cancelling it deletes what was kept and the ticket no longer works; the node reconnects
+    with the ticket only to tell the sender, whose offer then ends (or, with the sending node
+    down, says in its audit that it could not)."""
     sender = await spawn_node(NAMES[0], tmp_path / "ref", extra_args=FAST)
     receiver = await spawn_node(NAMES[1], tmp_path / "tc", extra_args=FAST)
     proxy = HoldProxy(sender.port, hold_after=300_000)
@@ -185,6 +188,9 @@ async def test_an_interrupted_receive_can_be_cancelled_after_a_restart(
             os.kill(receiver.proc.pid, signal.SIGKILL)
             await receiver.proc.wait()
             proxy.release()
+            await until_state(s_api, offer["offer_id"], "interrupted")
+            if not sender_up:
+                await stop_node(sender)
             receiver = await spawn_node(NAMES[1], tmp_path / "tc", extra_args=FAST)
             r_api = NodeClient(receiver.url, receiver.token, http)
             before = await r_api._call("GET", f"/api/v1/transfers/{job}")
@@ -194,7 +200,16 @@ async def test_an_interrupted_receive_can_be_cancelled_after_a_restart(
             after = await r_api._call("GET", f"/api/v1/transfers/{job}")
             with pytest.raises(P2PShareError) as resume:
                 await r_api.resume(job)
+            # telling the sender happens in the background, after the answer
+            async with asyncio.timeout(40):
+                while not [
+                    r for r in await audit_of(r_api, job) if r["action"] == "cancel-notified"
+                ]:
+                    await asyncio.sleep(0.1)
             r_audit = await audit_of(r_api, job)
+            if sender_up:
+                offer_now = await s_api._call("GET", f"/api/v1/offers/{offer['offer_id']}")
+                s_audit = await audit_of(s_api, offer["offer_id"])
     finally:
         await proxy.close()
         await stop_node(receiver)
@@ -205,6 +220,15 @@ async def test_an_interrupted_receive_can_be_cancelled_after_a_restart(
     assert [r["detail"]["state"] for r in r_audit if r["action"] == "transfer-cancelled"] == [
         "interrupted"
     ]
+    [notified] = [r for r in r_audit if r["action"] == "cancel-notified"]
+    if sender_up:
+        assert notified["outcome"] == "ok"
+        assert offer_now["state"] == "cancelled" and NAMES[1] in offer_now["error"]
+        assert [r["outcome"] for r in s_audit if r["action"] == "transfer-cancelled"] == [
+            "by-receiver"
+        ]
+    else:
+        assert notified["outcome"] == "unreachable"
 
 
 async def test_ctrl_c_on_a_receive_without_node_says_how_to_resume(
