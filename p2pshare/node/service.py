@@ -321,12 +321,13 @@ def cancel_offer(app: web.Application, offer_id: str, actor: str = "api-token") 
     return True
 
 
-def load_resume(store: Store, job_id: str, now: int) -> Resume | None:
-    """What is needed to reconnect an interrupted receive, while its ticket is valid."""
+def load_resume(store: Store, job_id: str, now: int, *, complete: bool = False) -> Resume | None:
+    """What is needed to reconnect an interrupted receive, while its ticket is valid (with
+    ``complete``, also a complete one's: to send its receipt again)."""
     t = store.get_transfer(job_id)
     ticket = store.resume_secret("transfers", job_id, now)
     manifest = store.get_transfer_manifest(job_id)
-    if t is None or ticket is None or t["state"] == "complete":
+    if t is None or ticket is None or (t["state"] == "complete" and not complete):
         return None
     address = t.get("sender_address") or ""
     reachable = codes.is_address(address.removeprefix("relay:"))
@@ -564,6 +565,48 @@ async def cancel_receive(app: web.Application, job_id: str, actor: str = "api-to
     return True
 
 
+def _resend_receipt(app: web.Application, job_id: str) -> None:
+    """In the background, reconnect with the transfer's ticket until the sender has the
+    receipt (or says it has nothing to resume: it had it); audited as ``receipt-resent``."""
+    cfg, engine, store = app[config_key], app[engine_key], app[store_key]
+
+    async def attempt(resume: Resume) -> dict[str, Any] | None:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(TELL_TIMEOUT_S):
+            channel = await _open_resume(app, resume, http)
+            try:
+                bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
+                return await receiving.send_receipt_again(engine, bounded, resume)
+            finally:
+                await channel.close()
+
+    async def run() -> None:
+        waited = 0.0
+        outcome = "unreachable"
+        for at in RESEND_RECEIPT_AT_S:
+            await asyncio.sleep(at - waited)
+            waited = at
+            resume = load_resume(store, job_id, engine.now(), complete=True)
+            if resume is None:
+                outcome = "expired"
+                break
+            try:
+                receipt = await attempt(resume)
+            except (P2PShareError, TimeoutError, aiohttp.ClientError, OSError) as exc:
+                log.info("could not send a receipt again (%s)", type(exc).__name__)
+                continue
+            if receipt is not None:
+                store.update_transfer(job_id, receipt=receipt)
+                outcome = "ok"
+            else:
+                outcome = "not-needed"  # the sender had nothing to resume: it had the receipt
+            break
+        engine.audit("receipt-resent", outcome, transfer=job_id)
+
+    task = asyncio.create_task(run())
+    app[receive_tasks_key].add(task)
+    task.add_done_callback(app[receive_tasks_key].discard)
+
+
 #: How long telling a cut-off sender about a cancel may take, connecting included.
 TELL_TIMEOUT_S = 30.0
 
@@ -597,10 +640,17 @@ def _tell_sender(app: web.Application, job_id: str, resume: Resume) -> None:
     task.add_done_callback(app[receive_tasks_key].discard)
 
 
+#: After a receipt whose CLOSE never came: when to reconnect to send it again (seconds from
+#: the end of the transfer), and no more often.
+RESEND_RECEIPT_AT_S = (1.0, 5.0, 30.0, 120.0)
+
+
 def _finish_receive(
     app: web.Application, job: Job, receipt: dict[str, Any], out: Path, path: str
 ) -> None:
     app[store_key].update_transfer(job.id, path=path)
+    if any(e["event"] == receiving.RECEIPT_UNCONFIRMED for e in job.events):
+        _resend_receipt(app, job.id)
     job.finish(
         "complete",
         receipt=receipt,

@@ -8,6 +8,7 @@ import functools
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ TELL_CANCELLED_S = 2.0
 #: What the sender is told when this node's staff cancel, and the job event once it was sent.
 CANCELLED_MESSAGE = "the receiving node's staff cancelled the transfer"
 SENDER_TOLD = "sender-told"
+#: Job event: the receipt went out but the sender's CLOSE never came back.
+RECEIPT_UNCONFIRMED = "receipt-unconfirmed"
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,9 @@ class ReceiverRun:
                     f"partial was marked complete{then}"
                 )
             raise ConnectionLost("the sender closed the connection before pairing finished")
+        if not self._closed:
+            # no CLOSE: the receipt may not have reached the sender (see send_receipt_again)
+            self.job.emit(RECEIPT_UNCONFIRMED)
         return self.receipt
 
     async def _pump(self) -> None:
@@ -593,9 +599,58 @@ class ReceiverRun:
 async def tell_cancelled(engine: Engine, channel: Channel, resume: Resume) -> bool:
     """Reconnect with an interrupted transfer's ticket only to say that this node's staff
     cancelled it, so the sender ends its offer instead of waiting for a resume until the ticket
-    expires. Returns whether the sealed ERROR went out; raises nothing the caller must handle
-    but ConnectionLost. The pairing is the resume's: the ticket's secret as the password, and
-    the node that answers must be the one that paired before."""
+    expires. Returns whether the sealed ERROR went out; raises ConnectionLost if the connection
+    ended first."""
+
+    def on_event(s: ReceiverSession, event: ev.Event) -> bool | None:
+        if isinstance(event, ev.Paired):
+            s.refuse(ReceiverCancelled.code, CANCELLED_MESSAGE)
+            return True
+        return None
+
+    return bool(await _afterwards(engine, channel, resume, on_event))
+
+
+async def send_receipt_again(
+    engine: Engine, channel: Channel, resume: Resume
+) -> dict[str, Any] | None:
+    """Reconnect with a complete transfer's ticket to send its receipt again: the connection
+    that carried it ended before the sender's CLOSE, so the sender may never have had it and
+    would wait for a resume until its ticket expires. Every instance is declared held (they are
+    in place), the sender sends nothing and declares the study complete, and this node signs a
+    receipt for the connection. Returns that receipt, or None when the sender had nothing to
+    resume (it had the receipt). Raises ConnectionLost if the connection ended before the
+    sender's CLOSE (the receipt may be lost again)."""
+    receipt: dict[str, Any] | None = None
+
+    def on_event(s: ReceiverSession, event: ev.Event) -> bool | None:
+        nonlocal receipt
+        if isinstance(event, ev.ManifestOffer):
+            if event.digest != resume.manifest_digest:
+                s.refuse("resume-refused", "this is not the manifest of the transfer")
+                return False
+            m = event.manifest
+            s.accept({fi: m.chunk_count(fi) for fi in range(len(m.instances))})
+        elif isinstance(event, ev.SenderDone):
+            receipt = s.send_receipt(engine.now())
+        elif isinstance(event, ev.Closed):
+            return True
+        return None
+
+    await _afterwards(engine, channel, resume, on_event)
+    return receipt
+
+
+async def _afterwards(
+    engine: Engine,
+    channel: Channel,
+    resume: Resume,
+    on_event: Callable[[ReceiverSession, ev.Event], bool | None],
+) -> bool | None:
+    """Pair as a resume does (the ticket's secret as the password; the node that answers must
+    be the one that paired before), hand every later event to ``on_event`` until it returns a
+    result, and send what it queued. Returns that result, or None when the sender refused;
+    raises ConnectionLost when the connection ended first."""
     s = ReceiverSession(
         name=engine.config.name,
         public_key=engine.identity.public_key,
@@ -622,14 +677,13 @@ async def tell_cancelled(engine: Engine, channel: Channel, resume: Resume) -> bo
                         await flush()
                         return False
                     s.trust_peer()
-                elif isinstance(event, ev.Paired):
-                    s.refuse(ReceiverCancelled.code, CANCELLED_MESSAGE)
-                    await flush()
-                    return True
                 elif isinstance(event, ev.RemoteError):
-                    return False  # e.g. the ticket ended already: nothing to tell
+                    return None  # e.g. its ticket ended already: nothing left to settle
+                elif (result := on_event(s, event)) is not None:
+                    await flush()
+                    return result
         except RemoteProtocolError:
             await flush()
-            return False
+            return None
         await flush()
-    return False
+    raise ConnectionLost("the sending node closed the connection")
