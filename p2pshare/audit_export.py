@@ -163,9 +163,7 @@ EVENTS: dict[str, EventKind] = {
         INSTANCES_TRANSFERRED, "R", requestor="user", outcomes=(("by-receiver", MINOR),)
     ),
     "cancel-notified": EventKind(INSTANCES_TRANSFERRED, "R", outcomes=(("unreachable", MINOR),)),
-    "receipt-resent": EventKind(
-        INSTANCES_TRANSFERRED, "C", outcomes=(("not-needed", SUCCESS), ("unreachable", MINOR))
-    ),
+    "receipt-resent": EventKind(INSTANCES_TRANSFERRED, "C", outcomes=(("unreachable", MINOR),)),
     "staff-receive": EventKind(BEGIN_TRANSFERRING, "E", requestor="user"),
     "receipt-signed": EventKind(INSTANCES_TRANSFERRED, "C"),
     "receipt-received": EventKind(INSTANCES_TRANSFERRED, "R"),

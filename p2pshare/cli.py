@@ -356,8 +356,8 @@ async def cmd_receive(args: argparse.Namespace, out: Output) -> int:
         out.say(f"Transfer job {job} (to resume after an interruption: --resume {job})")
         if args.node:
             args.interrupted = (
-                "Interrupted; the transfer was cancelled on the node: what had not been verified "
-                "was deleted and the sender was told."
+                "Interrupted; the transfer was cancelled on the node and what had not been "
+                "verified was deleted."
             )
         else:
             args.interrupted = (
@@ -368,7 +368,14 @@ async def cmd_receive(args: argparse.Namespace, out: Output) -> int:
             return await _watch(client, job, out, "receive")
         except asyncio.CancelledError:
             if args.node:
-                await client.cancel_receive(job)
+                try:
+                    await client.cancel_receive(job)
+                except P2PShareError as exc:
+                    args.interrupted = (
+                        f"Interrupted; the node could not be asked to cancel the transfer "
+                        f"({exc.message}): it goes on there. Cancel it on the node's transfers "
+                        f"page if it is not wanted."
+                    )
             raise
 
 

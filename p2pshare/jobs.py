@@ -34,6 +34,8 @@ class Job:
         self.task: asyncio.Task[Any] | None = None
         #: the node is stopping: long-polls answer at once instead of holding up the shutdown
         self.closing = False
+        #: someone asked to cancel it and its task is winding up
+        self.cancelling = False
 
     def emit(self, event: str, **fields: Any) -> None:
         self._seq += 1

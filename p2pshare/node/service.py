@@ -30,6 +30,7 @@ from p2pshare.staging import held_chunks
 from p2pshare.store import CANCELLED, INTERRUPTED, SENDING, Store
 from p2pshare.transfer import paths, receiving, relay_client
 from p2pshare.transfer.channel import Channel, connect
+from p2pshare.transfer.engine import Engine
 from p2pshare.transfer.receiving import Resume
 from p2pshare.transfer.relay_client import registrar_key
 
@@ -503,8 +504,8 @@ def _receive_cancelled(app: web.Application, job: Job) -> None:
 
 #: What the receiving side is told when its own staff cancel a transfer.
 RECEIVE_CANCELLED = (
-    "the transfer was cancelled on this node; what had arrived was deleted and the sender was "
-    "told. Ask the sender to offer the study again if it is still needed"
+    "the transfer was cancelled on this node and what had not been verified was deleted. Ask "
+    "the sender to offer the study again if it is still needed"
 )
 
 #: How long cancelling waits for a running receive to tell the sender and remove its data.
@@ -548,10 +549,16 @@ async def cancel_receive(app: web.Application, job_id: str, actor: str = "api-to
         return False  # unknown, or ended (complete, failed, cancelled): nothing to call off
     job = jobs.get(job_id)
     running = job is not None and not job.done and job.task is not None and not job.task.done()
+    if running and job is not None and job.cancelling:
+        # asked twice (a double click, Ctrl-C and the web page): the first call does the work
+        assert job.task is not None
+        await asyncio.wait([job.task], timeout=CANCEL_WAIT_S)
+        return True
     resume = load_resume(store, job_id, engine.now())  # before the ticket is forgotten
     engine.audit("transfer-cancelled", "ok", transfer=job_id, user=actor, state=t["state"])
     if running:
         assert job is not None and job.task is not None
+        job.cancelling = True
         job.task.cancel()  # the node is not stopping: a connected run tells the sender
         await asyncio.wait([job.task], timeout=CANCEL_WAIT_S)
     else:
@@ -567,82 +574,112 @@ async def cancel_receive(app: web.Application, job_id: str, actor: str = "api-to
 
 def _resend_receipt(app: web.Application, job_id: str) -> None:
     """In the background, reconnect with the transfer's ticket until the sender has the
-    receipt (or says it has nothing to resume: it had it); audited as ``receipt-resent``."""
-    cfg, engine, store = app[config_key], app[engine_key], app[store_key]
+    receipt; audited as ``receipt-resent``."""
+    store, engine = app[store_key], app[engine_key]
 
-    async def attempt(resume: Resume) -> dict[str, Any] | None:
-        async with aiohttp.ClientSession() as http, asyncio.timeout(TELL_TIMEOUT_S):
-            channel = await _open_resume(app, resume, http)
-            try:
-                bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
-                return await receiving.send_receipt_again(engine, bounded, resume)
-            finally:
-                await channel.close()
+    def keep_ticket(ticket: str, secret: bytes) -> None:
+        expires = engine.now() + engine.config.resume_ttl_s
+        store.set_resume("transfers", job_id, ticket, secret, expires)
 
-    async def run() -> None:
-        waited = 0.0
-        outcome = "unreachable"
-        for at in RESEND_RECEIPT_AT_S:
-            await asyncio.sleep(at - waited)
-            waited = at
-            resume = load_resume(store, job_id, engine.now(), complete=True)
-            if resume is None:
-                outcome = "expired"
-                break
-            try:
-                receipt = await attempt(resume)
-            except (P2PShareError, TimeoutError, aiohttp.ClientError, OSError) as exc:
-                log.info("could not send a receipt again (%s)", type(exc).__name__)
-                continue
-            if receipt is not None:
-                store.update_transfer(job_id, receipt=receipt)
-                outcome = "ok"
-            else:
-                outcome = "not-needed"  # the sender had nothing to resume: it had the receipt
-            break
-        engine.audit("receipt-resent", outcome, transfer=job_id)
+    async def settle(e: Engine, ch: Channel, resume: Resume) -> receiving.Settled:
+        return await receiving.send_receipt_again(e, ch, resume, keep_ticket)
 
-    task = asyncio.create_task(run())
-    app[receive_tasks_key].add(task)
-    task.add_done_callback(app[receive_tasks_key].discard)
+    def done(result: receiving.Settled) -> None:
+        assert result.receipt is not None
+        store.update_transfer(job_id, receipt=result.receipt, resume_id=None, resume_secret=None)
+        engine.audit(
+            "receipt-signed",
+            "ok",
+            transfer=result.receipt["transfer_id"],
+            job=job_id,
+            manifest_sha256=result.receipt["manifest_sha256"],
+            resent=True,
+        )
+
+    _settle_in_background(
+        app,
+        job_id,
+        "receipt-resent",
+        RESEND_RECEIPT_AT,
+        lambda: load_resume(store, job_id, engine.now(), complete=True),
+        settle,
+        done,
+    )
 
 
-#: How long telling a cut-off sender about a cancel may take, connecting included.
+#: How long one reconnection to settle an ended transfer may take, connecting included.
 TELL_TIMEOUT_S = 30.0
+#: When to try to tell a cut-off sender about a cancel, in units of the node's first
+#: reconnection delay (0.5 s by default: at once, after 5 s and after 30 s).
+TELL_CANCEL_AT = (0.0, 10.0, 60.0)
 
 
 def _tell_sender(app: web.Application, job_id: str, resume: Resume) -> None:
     """In the background, reconnect with the ticket only to tell the sending node that the
     transfer was cancelled here; audited either way (``cancel-notified``)."""
+    _settle_in_background(
+        app, job_id, "cancel-notified", TELL_CANCEL_AT, lambda: resume, receiving.tell_cancelled
+    )
+
+
+def _settle_in_background(
+    app: web.Application,
+    job_id: str,
+    action: str,
+    schedule: tuple[float, ...],
+    resume_of: Callable[[], Resume | None],
+    settle: Callable[[Engine, Channel, Resume], Awaitable[receiving.Settled]],
+    on_ok: Callable[[receiving.Settled], None] | None = None,
+) -> None:
+    """Reconnect with an ended transfer's ticket to settle it with the sender (``settle``), at
+    the times in ``schedule`` (in reconnection delays) until it is settled or cannot be; audit
+    ``action`` with how it went. Not while the node stops: its clean-up has already taken its
+    list of tasks."""
     cfg, engine = app[config_key], app[engine_key]
+    if engine.stopping:
+        return
+    times = [at * cfg.reconnect_delay_s for at in schedule]
+
+    async def attempt(resume: Resume) -> receiving.Settled:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(TELL_TIMEOUT_S):
+            channel = await _open_resume(app, resume, http)
+            try:
+                bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
+                return await settle(engine, bounded, resume)
+            finally:
+                await channel.close()
 
     async def run() -> None:
-        told = False
-        try:
-            async with aiohttp.ClientSession() as http, asyncio.timeout(TELL_TIMEOUT_S):
-                channel = await _open_resume(app, resume, http)
-                try:
-                    bounded = paths.BoundedChannel(channel, cfg.idle_timeout_s)
-                    told = await receiving.tell_cancelled(engine, bounded, resume)
-                finally:
-                    await channel.close()
-        except (P2PShareError, TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.info("could not tell the sending node about a cancel (%s)", type(exc).__name__)
-        engine.audit(
-            "cancel-notified",
-            "ok" if told else "unreachable",
-            transfer=job_id,
-            peer=resume.sender_fingerprint,
-        )
+        waited, outcome = 0.0, "unreachable"
+        detail: dict[str, str] = {}
+        for at in times:
+            await asyncio.sleep(at - waited)
+            waited = at
+            resume = resume_of()
+            if resume is None:
+                outcome, detail = "expired", {}
+                break
+            try:
+                result = await attempt(resume)
+            except (P2PShareError, TimeoutError, aiohttp.ClientError, OSError) as exc:
+                log.info("%s: no answer from the sending node (%s)", action, type(exc).__name__)
+                outcome, detail = "unreachable", {}
+                continue
+            outcome, detail = result.outcome, ({"code": result.code} if result.code else {})
+            if result.outcome == "ok" and on_ok is not None:
+                on_ok(result)
+            if result.final:
+                break
+        engine.audit(action, outcome, transfer=job_id, **detail)
 
     task = asyncio.create_task(run())
     app[receive_tasks_key].add(task)
     task.add_done_callback(app[receive_tasks_key].discard)
 
 
-#: After a receipt whose CLOSE never came: when to reconnect to send it again (seconds from
-#: the end of the transfer), and no more often.
-RESEND_RECEIPT_AT_S = (1.0, 5.0, 30.0, 120.0)
+#: After a receipt whose CLOSE never came: when to reconnect to send it again, in units of the
+#: node's first reconnection delay (0.5 s by default: after 1, 5, 30 and 120 s).
+RESEND_RECEIPT_AT = (2.0, 10.0, 60.0, 240.0)
 
 
 def _finish_receive(
@@ -664,6 +701,10 @@ def _finish_receive(
 def _receive_failed(app: web.Application, job: Job, exc: P2PShareError) -> None:
     store, engine = app[store_key], app[engine_key]
     t = store.get_transfer(job.id)
+    if t is not None and t["state"] == "complete" and t["receipt"]:
+        # signed for: whatever went wrong afterwards does not undo the study
+        _finish_receive(app, job, t["receipt"], Path(t["out_dir"]), t.get("path") or "direct")
+        return
     resume = load_resume(store, job.id, engine.now()) if isinstance(exc, ConnectionLost) else None
     staging = Path(t["staging"]) if t and t.get("staging") else None
     if resume is not None and staging is not None and staging.is_dir():

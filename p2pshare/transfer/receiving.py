@@ -146,7 +146,10 @@ class ReceiverRun:
                     await self._flush()
         except RemoteProtocolError as exc:
             lost = False
-            raise self._as_transfer_error(exc) from exc
+            if self.receipt is None:
+                raise self._as_transfer_error(exc) from exc
+            # signed for already: only the CLOSE was owed, and it may not have sent the receipt
+            log.warning("after the receipt, the sender's side broke the protocol (%s)", exc.code)
         except ConnectionLost:
             # After the receipt the study is complete whatever the connection does. Before it,
             # a loss noticed while sending an acknowledgement rather than while reading still
@@ -181,8 +184,9 @@ class ReceiverRun:
                 # every other ending removes partial patient data.
                 self.keep_staging = lost and self.receipt is None and self._resumable()
                 await self.staging.close(remove_staging=not self.keep_staging)
-                if self.receipt is None:
-                    # however it ended, the record says how many instances are in place
+                if self.receipt is None and self.staging.placed:
+                    # however it ended, the record says how many instances are in place (a
+                    # resume stopped before it counted them keeps the last count)
                     self.e.store.update_transfer(self.job.id, verified=self.staging.placed)
             if explains:
                 assert found is not None
@@ -320,9 +324,12 @@ class ReceiverRun:
         """This node's staff cancelled the transfer: say so to the sender (sealed), so that it
         ends the offer rather than keep it open for a resume. Best effort, briefly."""
         self.s.refuse(ReceiverCancelled.code, CANCELLED_MESSAGE)
+        out = self.s.data_to_send()
+        if not out:
+            return  # the session had already failed: nothing can be said on this connection
         with contextlib.suppress(Exception, TimeoutError):
             async with asyncio.timeout(TELL_CANCELLED_S):
-                await self._flush()
+                await self.ch.send(out)
                 self.job.emit(SENDER_TOLD)
 
     async def _flush(self) -> None:
@@ -596,61 +603,93 @@ class ReceiverRun:
         )
 
 
-async def tell_cancelled(engine: Engine, channel: Channel, resume: Resume) -> bool:
+@dataclass(frozen=True)
+class Settled:
+    """How a reconnection made only to settle an ended transfer went (:func:`tell_cancelled`,
+    :func:`send_receipt_again`)."""
+
+    #: "ok"; "refused" (the sender answered with an ERROR, ``code``); "wrong-node" (another
+    #: node answered the ticket); "manifest-mismatch"; "protocol-violation"
+    outcome: str
+    code: str = ""
+    #: whether the keys existed: an ERROR before them is not authenticated (a busy sender, or
+    #: anyone on the path), so it is worth another try; one after them is the sender's word
+    paired: bool = False
+    receipt: dict[str, Any] | None = None
+
+    @property
+    def final(self) -> bool:
+        """Trying again cannot change it. An ERROR before the keys is retried, but for
+        ``resume-unknown``: what a sender with nothing to resume says (it ended the offer, or
+        had the receipt after all); someone on the path who forged it could as well have cut
+        every connection."""
+        return self.outcome != "refused" or self.paired or self.code == "resume-unknown"
+
+
+async def tell_cancelled(engine: Engine, channel: Channel, resume: Resume) -> Settled:
     """Reconnect with an interrupted transfer's ticket only to say that this node's staff
     cancelled it, so the sender ends its offer instead of waiting for a resume until the ticket
-    expires. Returns whether the sealed ERROR went out; raises ConnectionLost if the connection
-    ended first."""
+    expires. Raises ConnectionLost if the connection ended first."""
 
-    def on_event(s: ReceiverSession, event: ev.Event) -> bool | None:
+    def on_event(s: ReceiverSession, event: ev.Event) -> Settled | None:
         if isinstance(event, ev.Paired):
             s.refuse(ReceiverCancelled.code, CANCELLED_MESSAGE)
-            return True
+            return Settled("ok", paired=True)
         return None
 
-    return bool(await _afterwards(engine, channel, resume, on_event))
+    return await _afterwards(engine, channel, resume, on_event)
 
 
 async def send_receipt_again(
-    engine: Engine, channel: Channel, resume: Resume
-) -> dict[str, Any] | None:
+    engine: Engine,
+    channel: Channel,
+    resume: Resume,
+    keep_ticket: Callable[[str, bytes], None] = lambda _ticket, _secret: None,
+) -> Settled:
     """Reconnect with a complete transfer's ticket to send its receipt again: the connection
     that carried it ended before the sender's CLOSE, so the sender may never have had it and
     would wait for a resume until its ticket expires. Every instance is declared held (they are
     in place), the sender sends nothing and declares the study complete, and this node signs a
-    receipt for the connection. Returns that receipt, or None when the sender had nothing to
-    resume (it had the receipt). Raises ConnectionLost if the connection ended before the
-    sender's CLOSE (the receipt may be lost again)."""
-    receipt: dict[str, Any] | None = None
+    receipt for the connection (in ``Settled.receipt`` once the sender CLOSEs). Raises
+    ConnectionLost if the connection ended before that CLOSE (the receipt may be lost again).
 
-    def on_event(s: ReceiverSession, event: ev.Event) -> bool | None:
-        nonlocal receipt
+    ``keep_ticket`` stores the ticket this connection rolled to, as a resume keeps it: once the
+    sender sees the ACCEPT, only that ticket opens the offer again."""
+
+    signed: list[dict[str, Any]] = []
+
+    def on_event(s: ReceiverSession, event: ev.Event) -> Settled | None:
         if isinstance(event, ev.ManifestOffer):
             if event.digest != resume.manifest_digest:
                 s.refuse("resume-refused", "this is not the manifest of the transfer")
-                return False
+                return Settled("manifest-mismatch", paired=True)
+            keep_ticket(*s.resume_ticket())
             m = event.manifest
             s.accept({fi: m.chunk_count(fi) for fi in range(len(m.instances))})
         elif isinstance(event, ev.SenderDone):
-            receipt = s.send_receipt(engine.now())
+            signed.append(s.send_receipt(engine.now()))
         elif isinstance(event, ev.Closed):
-            return True
+            if not signed:  # closed before it declared the study complete
+                return Settled("protocol-violation", "closed-early", paired=True)
+            return Settled("ok", paired=True, receipt=signed[0])
         return None
 
-    await _afterwards(engine, channel, resume, on_event)
-    return receipt
+    return await _afterwards(engine, channel, resume, on_event)
+
+
+#: After the message that settles it, how long to let the sender read it before closing.
+SETTLE_LINGER_S = 2.0
 
 
 async def _afterwards(
     engine: Engine,
     channel: Channel,
     resume: Resume,
-    on_event: Callable[[ReceiverSession, ev.Event], bool | None],
-) -> bool | None:
+    on_event: Callable[[ReceiverSession, ev.Event], Settled | None],
+) -> Settled:
     """Pair as a resume does (the ticket's secret as the password; the node that answers must
-    be the one that paired before), hand every later event to ``on_event`` until it returns a
-    result, and send what it queued. Returns that result, or None when the sender refused;
-    raises ConnectionLost when the connection ended first."""
+    be the one that paired before), hand every later event to ``on_event`` until it returns how
+    it went, and send what it queued. Raises ConnectionLost when the connection ended first."""
     s = ReceiverSession(
         name=engine.config.name,
         public_key=engine.identity.public_key,
@@ -660,10 +699,21 @@ async def _afterwards(
         password=resume.secret,
         resume_offer=resume.offer_id,
     )
+    paired = False
 
     async def flush() -> None:
         if out := s.data_to_send():
             await channel.send(out)
+
+    async def settle(result: Settled) -> Settled:
+        await flush()
+        if result.outcome == "ok":
+            # let the sender read it and close first, rather than race it with our close
+            with contextlib.suppress(P2PShareError, TimeoutError):
+                async with asyncio.timeout(SETTLE_LINGER_S):
+                    while await channel.recv() is not None:
+                        pass
+        return result
 
     s.start()
     await flush()
@@ -674,16 +724,15 @@ async def _afterwards(
                 if isinstance(event, ev.PeerIdentity):
                     if event.fingerprint != resume.sender_fingerprint:
                         s.refuse("wrong-node", "the receiving node expected another sending node")
-                        await flush()
-                        return False
+                        return await settle(Settled("wrong-node"))
                     s.trust_peer()
-                elif isinstance(event, ev.RemoteError):
-                    return None  # e.g. its ticket ended already: nothing left to settle
-                elif (result := on_event(s, event)) is not None:
-                    await flush()
-                    return result
-        except RemoteProtocolError:
-            await flush()
-            return None
+                elif isinstance(event, ev.Paired):
+                    paired = True
+                if isinstance(event, ev.RemoteError):
+                    return Settled("refused", event.code, paired=paired)
+                if (result := on_event(s, event)) is not None:
+                    return await settle(result)
+        except RemoteProtocolError as exc:
+            return await settle(Settled("protocol-violation", exc.code, paired=paired))
         await flush()
     raise ConnectionLost("the sending node closed the connection")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -121,8 +122,13 @@ class SenderRun:
             try:
                 while (event := self.s.next_event()) is not None:
                     self._on_event(event)
-            finally:
-                await self.flush()
+            except BaseException:
+                # what the receiver said (a refusal, a cancel) explains the end better than a
+                # connection it closed meanwhile
+                with contextlib.suppress(P2PShareError):
+                    await self.flush()
+                raise
+            await self.flush()
 
     async def _recv_or_consent(self, keepalive: bool) -> tuple[bool, bytes | None]:
         """Wait for the receiver or for a consent change; keep a waiting receiver informed."""

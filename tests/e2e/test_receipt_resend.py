@@ -21,7 +21,7 @@ from p2pshare.demo import NodeProc, tree_hashes, two_nodes
 from p2pshare.dicom.ingest import scan
 from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
 from tests.e2e.conftest import NAMES
-from tests.e2e.proxy import CHUNK_FRAME, CUT, DROP, Attack, MitmProxy
+from tests.e2e.proxy import CHUNK_FRAME, CUT, DROP, FLIP, Attack, MitmProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -98,10 +98,12 @@ async def test_a_receipt_cut_off_on_its_way_is_signed_again_and_the_sender_compl
     assert tree_hashes(out) == tree_hashes(small_study)
 
 
+@pytest.mark.parametrize("attack", [DROP, FLIP])
 async def test_a_lost_close_after_a_delivered_receipt_needs_no_second_receipt(
-    pair: tuple[NodeProc, NodeProc], small_study: Path, tmp_path: Path
+    pair: tuple[NodeProc, NodeProc], small_study: Path, tmp_path: Path, attack: str
 ) -> None:
-    """Only the sender's CLOSE went missing: the sender has the receipt and its offer is
+    """Only the sender's CLOSE went missing (dropped), or arrived altered (a protocol error
+    after the receipt): the study stays complete, the sender has the receipt and its offer is
     complete, so the reconnection is refused and nothing changes."""
     sender, receiver = pair
     async with aiohttp.ClientSession() as http, MitmProxy(sender.port) as proxy:
@@ -111,16 +113,18 @@ async def test_a_lost_close_after_a_delivered_receipt_needs_no_second_receipt(
         await receive_through(proxy, s_api, r_api, small_study, tmp_path / "control")
         await proxy.wait_idle()
         sealed = [m for m in proxy.s2r_messages if len(m) > 4 and m[4] == SEALED_FRAME]
-        proxy.reset(Attack(DROP, frame_type=SEALED_FRAME, index=len(sealed) - 1))
+        proxy.reset(Attack(attack, frame_type=SEALED_FRAME, index=len(sealed) - 1, offset=8))
         offer, job, events = await receive_through(
             proxy, s_api, r_api, small_study, tmp_path / "in"
         )
-        assert [a.kind for a in proxy.applied] == [DROP]
-        assert "receipt-unconfirmed" in [e["event"] for e in events]
+        assert [a.kind for a in proxy.applied] == [attack]
+        kinds = [e["event"] for e in events]
+        assert kinds[-1] == "complete" and "receipt-unconfirmed" in kinds, kinds
         resent = await wait_for_audit(r_api, job, "receipt-resent")
         offer_now = await s_api._call("GET", f"/api/v1/offers/{offer['offer_id']}")
         transfer = await r_api._call("GET", f"/api/v1/transfers/{job}")
-    assert resent["outcome"] == "not-needed"
+    assert resent["outcome"] == "refused" and resent["detail"]["code"] == "resume-unknown"
+    assert transfer["state"] == "complete"
     assert offer_now["state"] == "completed"
     assert offer_now["receipt"] == transfer["receipt"]  # the one receipt, never re-signed
     assert tree_hashes(tmp_path / "in") == tree_hashes(small_study)

@@ -124,3 +124,35 @@ async def test_a_node_stopping_after_the_receipt_keeps_the_transfer_complete(
     assert t["state"] == "complete" and t["receipt"] == RECEIPT
     assert job.result is not None and job.result["event"] == "complete"
     assert job.result["instances"] == 3
+
+
+async def test_a_second_cancel_while_the_first_winds_up_only_waits(
+    node: Node, tmp_path: Path
+) -> None:
+    """A double click, or Ctrl-C and the web page at once: one cancel, one audit record, and
+    the winding up (telling the sender, removing staging) is not interrupted."""
+    app = node.app
+    transfer(node, "job-d", "receiving", tmp_path)
+    job = app[jobs_key].create("receive", "job-d")
+    cancels = 0
+
+    async def receive() -> None:
+        nonlocal cancels
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancels += 1
+            await asyncio.sleep(0.3)  # a second cancel here would cut this short
+            service._receive_cancelled(app, job)
+            raise
+
+    job.task = asyncio.create_task(receive())
+    await asyncio.sleep(0)
+    first, second = await asyncio.gather(
+        node.call("POST", "/api/v1/transfers/job-d/cancel"),
+        node.call("POST", "/api/v1/transfers/job-d/cancel"),
+    )
+    assert (first.status, second.status) == (200, 200)
+    assert cancels == 1 and job.task.cancelled()
+    assert app[store_key].get_transfer("job-d")["state"] == "cancelled"
+    assert len(app[store_key].audit.records("transfer-cancelled")) == 1

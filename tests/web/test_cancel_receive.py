@@ -39,8 +39,8 @@ WAIT_MS = 30_000  # a ceiling for a busy machine, not a speed requirement
 WAIT_S = WAIT_MS / 1000
 CLERK = "desk-clerk"  # a sending-role account on the receiving node: it may not cancel
 CANCELLED_ON_PAGE = (
-    "the transfer was cancelled on this node; what had arrived was deleted and the sender was "
-    "told. Ask the sender to offer the study again if it is still needed"
+    "the transfer was cancelled on this node and what had not been verified was deleted. Ask "
+    "the sender to offer the study again if it is still needed"
 )
 WAITING_FOR_CONSENT = "Waiting for the patient's consent"
 
