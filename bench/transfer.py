@@ -78,13 +78,27 @@ def dir_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used so far (its threads included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_p2pshare(study: Path, work: Path, round_no: int) -> dict[str, Any]:
     start_clean(study)
     sender = await spawn_node("Bench Referring", work / f"s{round_no}")
     receiver = await spawn_node("Bench Trauma", work / f"r{round_no}")
     out = work / f"out-p2p-{round_no}"
+    before: list[float] = []
+
+    def at_offer() -> None:  # CPU readings once the study is scanned, before the receive
+        before.extend((cpu_seconds(sender.proc.pid), cpu_seconds(receiver.proc.pid)))
+
     try:
-        figures = await transfer(sender, receiver, study, out, spoken=True)
+        figures = await transfer(sender, receiver, study, out, spoken=True, on_offer=at_offer)
+        figures["cpu_sender_s"] = cpu_seconds(sender.proc.pid) - before[0]
+        figures["cpu_receiver_s"] = cpu_seconds(receiver.proc.pid) - before[1]
         figures["rss_sender_mb"] = sender.peak_rss_mb()
         figures["rss_receiver_mb"] = receiver.peak_rss_mb()
     finally:
@@ -129,12 +143,14 @@ async def run_plain_http(study: Path, work: Path, round_no: int) -> float:
     return nbytes / 1e6 / seconds
 
 
-def run_dcmtk(study: Path, work: Path, round_no: int) -> tuple[float, float] | None:
+def run_dcmtk(
+    study: Path, work: Path, round_no: int
+) -> tuple[float, float, float, float] | None:
     """dcmtk storescu → storescp, Nagle off, 128 KiB PDU; None when dcmtk is missing.
 
-    Returns (MB/s until storescu returns, MB/s until the files are also on disk). storescp
-    never flushes, while p2pshare flushes every instance before calling it received, so the
-    second figure is the like-for-like one.
+    Returns (MB/s until storescu returns, MB/s until the files are also on disk, CPU seconds of
+    storescu, of storescp). storescp never flushes, while p2pshare flushes every instance
+    before calling it received, so the second figure is the like-for-like one.
     """
     if not shutil.which("storescu") or not shutil.which("storescp"):
         return None
@@ -153,8 +169,9 @@ def run_dcmtk(study: Path, work: Path, round_no: int) -> tuple[float, float] | N
     try:
         time.sleep(0.5)
         os.sync()
+        scp_before = cpu_seconds(scp.pid)
         t0 = time.perf_counter()
-        subprocess.run(
+        scu = subprocess.Popen(
             [
                 "storescu",
                 "--max-pdu",
@@ -168,11 +185,15 @@ def run_dcmtk(study: Path, work: Path, round_no: int) -> tuple[float, float] | N
                 str(study),
             ],
             env=env,
-            check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        _, status, usage = os.wait4(scu.pid, 0)
         seconds = time.perf_counter() - t0
+        scu.returncode = os.waitstatus_to_exitcode(status)
+        if scu.returncode != 0:
+            raise RuntimeError(f"storescu failed (exit status {scu.returncode})")
+        scp_cpu = cpu_seconds(scp.pid) - scp_before
         os.sync()
         durable = time.perf_counter() - t0
     finally:
@@ -180,7 +201,8 @@ def run_dcmtk(study: Path, work: Path, round_no: int) -> tuple[float, float] | N
         scp.wait()
     nbytes = dir_bytes(out)
     shutil.rmtree(out, ignore_errors=True)
-    return nbytes / 1e6 / seconds, nbytes / 1e6 / durable
+    scu_cpu = usage.ru_utime + usage.ru_stime
+    return nbytes / 1e6 / seconds, nbytes / 1e6 / durable, scu_cpu, scp_cpu
 
 
 #: bench/floor.py's transports, as the table names them
@@ -257,6 +279,7 @@ async def main() -> None:
     plain: list[float] = []
     dcmtk: list[float] = []
     dcmtk_durable: list[float] = []
+    dcmtk_cpu: list[tuple[float, float]] = []  # (storescu, storescp) CPU seconds
     floors: dict[str, list[float]] = {t: [] for t in FLOOR_TRANSPORTS}
 
     async def p2pshare_round(i: int) -> str:
@@ -265,7 +288,8 @@ async def main() -> None:
         return (
             f"p2pshare {f['mb_per_s']:.0f} MB/s (pairing {f['pairing_s'] * 1000:.0f} ms, first "
             f"instance {f['first_instance_s'] * 1000:.0f} ms, RSS {f['rss_sender_mb']:.0f}/"
-            f"{f['rss_receiver_mb']:.0f} MB, identical={f['identical']})"
+            f"{f['rss_receiver_mb']:.0f} MB, CPU {f['cpu_sender_s']:.2f}+"
+            f"{f['cpu_receiver_s']:.2f} s, identical={f['identical']})"
         )
 
     async def plain_round(i: int) -> str:
@@ -278,7 +302,8 @@ async def main() -> None:
             return "dcmtk not installed"
         dcmtk.append(d[0])
         dcmtk_durable.append(d[1])
-        return f"dcmtk {d[0]:.0f} MB/s ({d[1]:.0f} MB/s on disk)"
+        dcmtk_cpu.append((d[2], d[3]))
+        return f"dcmtk {d[0]:.0f} MB/s ({d[1]:.0f} MB/s on disk, CPU {d[2]:.2f}+{d[3]:.2f} s)"
 
     def floor_round(transport: str) -> Callable[[int], Awaitable[str]]:
         async def one(i: int) -> str:
@@ -317,6 +342,11 @@ async def main() -> None:
         f"{max(f['rss_receiver_mb'] for f in p2p):.0f} MB |"
     )
     print(f"| byte-identical every round | {all(f['identical'] for f in p2p)} |")
+    cpu_p2p = med(f["cpu_sender_s"] + f["cpu_receiver_s"] for f in p2p)
+    print(
+        f"| CPU seconds, sender + receiver | {med(f['cpu_sender_s'] for f in p2p):.2f} + "
+        f"{med(f['cpu_receiver_s'] for f in p2p):.2f} (total {cpu_p2p:.2f}) |"
+    )
     if plain:
         print(
             f"| plaintext aiohttp upload | {med(plain):.0f} MB/s (p2pshare ratio {mbps / med(plain):.2f}) |"
@@ -329,6 +359,20 @@ async def main() -> None:
         print(
             f"| dcmtk, until its files are on disk too | {med(dcmtk_durable):.0f} MB/s "
             f"(p2pshare ratio {mbps / med(dcmtk_durable):.2f}) |"
+        )
+        # What the machine can give in the time dcmtk takes: every core, the whole time. An
+        # encrypted transfer as fast as dcmtk has to fit all its CPU time into that.
+        seconds = size / 1e6 / med(dcmtk)
+        capacity = (os.cpu_count() or 1) * seconds
+        cpu_dcmtk = med(a + b for a, b in dcmtk_cpu)
+        print(
+            f"| CPU seconds, storescu + storescp | {med(a for a, _ in dcmtk_cpu):.2f} + "
+            f"{med(b for _, b in dcmtk_cpu):.2f} (total {cpu_dcmtk:.2f}) |"
+        )
+        print(
+            f"| CPU the machine has in dcmtk's time ({os.cpu_count()} cores × {seconds:.2f} s) | "
+            f"{capacity:.2f} s: dcmtk uses {cpu_dcmtk / capacity:.0%}, p2pshare needs "
+            f"{cpu_p2p / capacity:.0%} |"
         )
     for transport, label in FLOOR_TRANSPORTS.items():
         if floors[transport]:

@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,8 +188,12 @@ async def transfer(
     *,
     spoken: bool = True,
     patient_birth_date: str | None = None,
+    on_offer: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """One offer → receive between two running nodes; returns the measured figures.
+
+    ``on_offer`` is called once the offer exists, before the receive starts (a benchmark
+    takes its CPU readings there, so that scanning the study is left out).
 
     With ``patient_birth_date`` the offer needs the patient's consent, and this plays the
     patient on the phone page (for the intended destination, before pairing); without it the
@@ -206,6 +210,8 @@ async def transfer(
             )
             await approve_as_patient(http, offer["consent"]["link"], patient_birth_date)
         code = offer["code"] if spoken else offer["uri"]
+        if on_offer is not None:
+            on_offer()
         job = await r_api.receive(code, str(out_dir), [sender.address] if spoken else [])
         r_events: list[dict[str, Any]] = []
         s_events: list[dict[str, Any]] = []
