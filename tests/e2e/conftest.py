@@ -122,3 +122,32 @@ async def nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
     """Two `p2pshare serve` processes: a referring hospital and a trauma centre."""
     async with two_nodes(tmp_path, *NAMES) as pair:
         yield pair
+
+
+#: Chunks of 16 KiB and a quick first reconnection: transfers with many chunks, cut or held
+#: anywhere, that resume at once (resume, cancel and receipt tests).
+CHUNK = 16384
+FAST = ("--reconnect-delay", "0.1", "--chunk-size", str(CHUNK))
+
+
+@pytest.fixture(scope="session")
+def chunked_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two series, 24 files of ~33 KB (3 chunks each at 16 KiB): cuts land everywhere, and a
+    stream held after 300 kB has placed some files and staged more."""
+    root = tmp_path_factory.mktemp("chunked-study")
+    generate_ct_study(
+        root,
+        seed=99,
+        series=[
+            SeriesSpec("HEAD", slices=12, rows=128, columns=128, region="head"),
+            SeriesSpec("CHEST", slices=12, rows=128, columns=128, region="chest"),
+        ],
+    )
+    return root
+
+
+@pytest.fixture
+async def fast_nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
+    """Two `p2pshare serve` processes with :data:`FAST` settings."""
+    async with two_nodes(tmp_path, *NAMES, sender_args=FAST, receiver_args=FAST) as pair:
+        yield pair

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,37 +15,14 @@ import aiohttp
 import pytest
 
 from p2pshare.client import NodeClient
-from p2pshare.demo import NodeProc, spawn_node, stop_node, two_nodes
-from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
+from p2pshare.demo import NodeProc, spawn_node, stop_node
 from p2pshare.errors import P2PShareError
-from tests.e2e.conftest import NAMES, Cli
+from tests.e2e.conftest import FAST, NAMES, Cli
 from tests.e2e.proxy import HoldProxy
 
 pytestmark = pytest.mark.e2e
 
-FAST = ("--reconnect-delay", "0.1", "--chunk-size", "16384")
-FILES = 24
-
-
-@pytest.fixture(scope="module")
-def cancel_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 files of ~33 KB: a stream held after 300 kB has placed some and staged more."""
-    root = tmp_path_factory.mktemp("cancel-study")
-    generate_ct_study(
-        root,
-        seed=5,
-        series=[
-            SeriesSpec("HEAD", slices=12, rows=128, columns=128, region="head"),
-            SeriesSpec("CHEST", slices=12, rows=128, columns=128, region="chest"),
-        ],
-    )
-    return root
-
-
-@pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
-    async with two_nodes(tmp_path, *NAMES, sender_args=FAST, receiver_args=FAST) as nodes:
-        yield nodes
+FILES = 24  # in chunked_study
 
 
 async def until(check: Any, timeout: float = 20.0) -> None:
@@ -54,6 +30,19 @@ async def until(check: Any, timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not check():
             await asyncio.sleep(0.05)
+
+
+async def held_receive(
+    s_api: NodeClient, r_api: NodeClient, study: Path, out: Path, proxy: HoldProxy, via: str
+) -> tuple[dict[str, Any], str, Path]:
+    """Start a receive through ``proxy`` (listening at ``via``) and wait until the stream is
+    held, with unverified data staged: (offer, job, staging folder)."""
+    offer = await s_api.create_offer(str(study), None, None, consent="none")
+    job = await r_api.receive(offer["code"], str(out), [via])
+    await asyncio.wait_for(proxy.held.wait(), 30)
+    staging = out / ".p2pshare-partial" / job
+    await until(lambda: any(staging.glob("*.part")))
+    return offer, job, staging
 
 
 async def audit_of(api: NodeClient, ref: str) -> list[dict[str, Any]]:
@@ -68,9 +57,9 @@ async def last_event(api: NodeClient, job: str) -> dict[str, Any]:
 
 
 async def test_cancel_mid_stream_deletes_the_staged_data_and_the_sender_closes_its_offer(
-    pair: tuple[NodeProc, NodeProc], cancel_study: Path, tmp_path: Path
+    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, tmp_path: Path
 ) -> None:
-    sender, receiver = pair
+    sender, receiver = fast_nodes
     proxy = HoldProxy(sender.port, hold_after=300_000)
     out = tmp_path / "in"
     try:
@@ -78,11 +67,7 @@ async def test_cancel_mid_stream_deletes_the_staged_data_and_the_sender_closes_i
         async with aiohttp.ClientSession() as http:
             s_api = NodeClient(sender.url, sender.token, http)
             r_api = NodeClient(receiver.url, receiver.token, http)
-            offer = await s_api.create_offer(str(cancel_study), None, None, consent="none")
-            job = await r_api.receive(offer["code"], str(out), [via])
-            await asyncio.wait_for(proxy.held.wait(), 30)
-            staging = out / ".p2pshare-partial" / job
-            await until(lambda: any(staging.glob("*.part")))  # unverified data is on disk
+            offer, job, staging = await held_receive(s_api, r_api, chunked_study, out, proxy, via)
 
             assert await r_api.cancel_receive(job) is True
 
@@ -106,7 +91,7 @@ async def test_cancel_mid_stream_deletes_the_staged_data_and_the_sender_closes_i
     assert end["event"] == "error" and end["code"] == "cancelled"
     assert "what had not been verified was deleted" in end["message"]
     # the files that had arrived whole are verified and kept, byte for byte, listed as partial
-    sent_files = {p.read_bytes() for p in cancel_study.rglob("*") if p.is_file()}
+    sent_files = {p.read_bytes() for p in chunked_study.rglob("*") if p.is_file()}
     assert all(p.read_bytes() in sent_files for p in placed)
 
     assert sent["event"] == "error" and sent["code"] == "receiver-cancelled", sent
@@ -123,11 +108,11 @@ async def test_cancel_mid_stream_deletes_the_staged_data_and_the_sender_closes_i
 
 
 async def test_ctrl_c_on_receive_with_node_cancels_the_receive_while_consent_is_pending(
-    pair: tuple[NodeProc, NodeProc], cancel_study: Path, cli: Cli, tmp_path: Path
+    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, cli: Cli, tmp_path: Path
 ) -> None:
-    sender, receiver = pair
+    sender, receiver = fast_nodes
     send = await cli.start(
-        "send", str(cancel_study), "--node", sender.url, "--data-dir", str(sender.data_dir),
+        "send", str(chunked_study), "--node", sender.url, "--data-dir", str(sender.data_dir),
         "--to", receiver.name, "--json",
     )  # fmt: skip
     offer = await cli.first_json(send, "offer")
@@ -165,7 +150,7 @@ async def test_ctrl_c_on_receive_with_node_cancels_the_receive_while_consent_is_
 
 @pytest.mark.parametrize("sender_up", [True, False], ids=["sender-told", "sender-down"])
 async def test_an_interrupted_receive_can_be_cancelled_after_a_restart(
-    tmp_path: Path, cancel_study: Path, sender_up: bool
+    tmp_path: Path, chunked_study: Path, sender_up: bool
 ) -> None:
     """The receiving node died mid-stream: after its restart the transfer waits to be resumed.
     Cancelling it deletes what was kept and the ticket no longer works; the node reconnects
@@ -180,11 +165,7 @@ async def test_an_interrupted_receive_can_be_cancelled_after_a_restart(
         async with aiohttp.ClientSession() as http:
             s_api = NodeClient(sender.url, sender.token, http)
             r_api = NodeClient(receiver.url, receiver.token, http)
-            offer = await s_api.create_offer(str(cancel_study), None, None, consent="none")
-            job = await r_api.receive(offer["code"], str(out), [via])
-            await asyncio.wait_for(proxy.held.wait(), 30)
-            staging = out / ".p2pshare-partial" / job
-            await until(lambda: any(staging.glob("*.part")))
+            offer, job, staging = await held_receive(s_api, r_api, chunked_study, out, proxy, via)
             os.kill(receiver.proc.pid, signal.SIGKILL)
             await receiver.proc.wait()
             proxy.release()
@@ -232,14 +213,14 @@ async def test_an_interrupted_receive_can_be_cancelled_after_a_restart(
 
 
 async def test_ctrl_c_on_a_receive_without_node_says_how_to_resume(
-    pair: tuple[NodeProc, NodeProc], cancel_study: Path, cli: Cli, tmp_path: Path
+    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, cli: Cli, tmp_path: Path
 ) -> None:
     """Without --node the receiving node lives in the command: Ctrl-C stops it, and the
     transfer waits to be resumed rather than being cancelled."""
-    sender, _ = pair
+    sender, _ = fast_nodes
     async with aiohttp.ClientSession() as http:
         s_api = NodeClient(sender.url, sender.token, http)
-        offer = await s_api.create_offer(str(cancel_study), None, None)  # consent pending
+        offer = await s_api.create_offer(str(chunked_study), None, None)  # consent pending
         recv = await cli.start(
             "receive", offer["code"], "--from", sender.address, "--data-dir",
             str(tmp_path / "own"), "--name", "Trauma Centre CT", "--out", str(tmp_path / "in"),

@@ -9,7 +9,6 @@ every instance held, and signs the receipt again for the sender.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +16,14 @@ import aiohttp
 import pytest
 
 from p2pshare.client import NodeClient
-from p2pshare.demo import NodeProc, tree_hashes, two_nodes
+from p2pshare.demo import NodeProc, tree_hashes
 from p2pshare.dicom.ingest import scan
-from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
-from tests.e2e.conftest import NAMES
+from tests.e2e.conftest import CHUNK
 from tests.e2e.proxy import CHUNK_FRAME, CUT, DROP, FLIP, Attack, MitmProxy
 
 pytestmark = pytest.mark.e2e
 
-CHUNK = 16384
-FAST = ("--reconnect-delay", "0.1", "--chunk-size", str(CHUNK))
 SEALED_FRAME = 0x10  # p2pshare.protocol.frames.FrameType.SEALED
-
-
-@pytest.fixture(scope="module")
-def small_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("receipt-study")
-    generate_ct_study(
-        root, seed=11, series=[SeriesSpec("HEAD", slices=6, rows=96, columns=96, region="head")]
-    )
-    return root
-
-
-@pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
-    async with two_nodes(tmp_path, *NAMES, sender_args=FAST, receiver_args=FAST) as nodes:
-        yield nodes
 
 
 async def audit_action(api: NodeClient, ref: str, action: str) -> list[dict[str, Any]]:
@@ -68,10 +49,10 @@ async def receive_through(
 
 
 async def test_a_receipt_cut_off_on_its_way_is_signed_again_and_the_sender_completes(
-    pair: tuple[NodeProc, NodeProc], small_study: Path, tmp_path: Path
+    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, tmp_path: Path
 ) -> None:
-    sender, receiver = pair
-    manifest = scan(small_study, chunk_size=CHUNK).study(None).manifest
+    sender, receiver = fast_nodes
+    manifest = scan(chunked_study, chunk_size=CHUNK).study(None).manifest
     chunks = sum(manifest.chunk_count(i) for i in range(len(manifest.instances)))
     # the last CHUNK goes out with the sender's DONE; cut right after it: the receiver
     # completes and signs, but its receipt finds the connection gone
@@ -80,7 +61,7 @@ async def test_a_receipt_cut_off_on_its_way_is_signed_again_and_the_sender_compl
     async with aiohttp.ClientSession() as http, MitmProxy(sender.port, cut, cut_once=True) as proxy:
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
-        offer, job, events = await receive_through(proxy, s_api, r_api, small_study, out)
+        offer, job, events = await receive_through(proxy, s_api, r_api, chunked_study, out)
         assert [a.kind for a in proxy.applied] == [CUT]
         kinds = [e["event"] for e in events]
         assert kinds[-1] == "complete" and "receipt-unconfirmed" in kinds, kinds
@@ -95,27 +76,27 @@ async def test_a_receipt_cut_off_on_its_way_is_signed_again_and_the_sender_compl
     assert offer_now["receipt"] == transfer["receipt"]
     assert transfer["state"] == "complete"
     assert len(resumed) == 1
-    assert tree_hashes(out) == tree_hashes(small_study)
+    assert tree_hashes(out) == tree_hashes(chunked_study)
 
 
 @pytest.mark.parametrize("attack", [DROP, FLIP])
 async def test_a_lost_close_after_a_delivered_receipt_needs_no_second_receipt(
-    pair: tuple[NodeProc, NodeProc], small_study: Path, tmp_path: Path, attack: str
+    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, tmp_path: Path, attack: str
 ) -> None:
     """Only the sender's CLOSE went missing (dropped), or arrived altered (a protocol error
     after the receipt): the study stays complete, the sender has the receipt and its offer is
     complete, so the reconnection is refused and nothing changes."""
-    sender, receiver = pair
+    sender, receiver = fast_nodes
     async with aiohttp.ClientSession() as http, MitmProxy(sender.port) as proxy:
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
         # a control run says which sealed sender message is the CLOSE (the last one)
-        await receive_through(proxy, s_api, r_api, small_study, tmp_path / "control")
+        await receive_through(proxy, s_api, r_api, chunked_study, tmp_path / "control")
         await proxy.wait_idle()
         sealed = [m for m in proxy.s2r_messages if len(m) > 4 and m[4] == SEALED_FRAME]
         proxy.reset(Attack(attack, frame_type=SEALED_FRAME, index=len(sealed) - 1, offset=8))
         offer, job, events = await receive_through(
-            proxy, s_api, r_api, small_study, tmp_path / "in"
+            proxy, s_api, r_api, chunked_study, tmp_path / "in"
         )
         assert [a.kind for a in proxy.applied] == [attack]
         kinds = [e["event"] for e in events]
@@ -127,4 +108,4 @@ async def test_a_lost_close_after_a_delivered_receipt_needs_no_second_receipt(
     assert transfer["state"] == "complete"
     assert offer_now["state"] == "completed"
     assert offer_now["receipt"] == transfer["receipt"]  # the one receipt, never re-signed
-    assert tree_hashes(tmp_path / "in") == tree_hashes(small_study)
+    assert tree_hashes(tmp_path / "in") == tree_hashes(chunked_study)

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,39 +15,15 @@ import aiohttp
 import pytest
 
 from p2pshare.client import NodeClient
-from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes, two_nodes
+from p2pshare.demo import NodeProc, spawn_node, stop_node, tree_hashes
 from p2pshare.dicom.ingest import scan
-from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
-from tests.e2e.conftest import NAMES, Cli
+from tests.e2e.conftest import CHUNK, FAST, Cli
 from tests.e2e.proxy import CUT, Attack, HoldProxy, MitmProxy, chunk_header
 
 pytestmark = pytest.mark.e2e
 
-CHUNK = 16384
 WINDOW = 16  # the node's default window
-FAST = ("--reconnect-delay", "0.1", "--chunk-size", str(CHUNK))
 RUNS = 50
-
-
-@pytest.fixture(scope="module")
-def resume_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two series, 24 files of ~33 KB (3 chunks each at 16 KiB): cuts land everywhere."""
-    root = tmp_path_factory.mktemp("resume-study")
-    generate_ct_study(
-        root,
-        seed=99,
-        series=[
-            SeriesSpec("HEAD", slices=12, rows=128, columns=128, region="head"),
-            SeriesSpec("CHEST", slices=12, rows=128, columns=128, region="chest"),
-        ],
-    )
-    return root
-
-
-@pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[NodeProc, NodeProc]]:
-    async with two_nodes(tmp_path, *NAMES, sender_args=FAST, receiver_args=FAST) as nodes:
-        yield nodes
 
 
 async def events_of(api: NodeClient, job: str, timeout: float = 60) -> list[dict[str, Any]]:
@@ -65,10 +40,10 @@ def resent_chunks(proxy: MitmProxy) -> int:
 
 
 async def test_fifty_cuts_at_random_offsets_each_resume_to_an_identical_study(
-    pair: tuple[NodeProc, NodeProc], resume_study: Path, tmp_path: Path
+    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, tmp_path: Path
 ) -> None:
-    sender, receiver = pair
-    manifest = scan(resume_study, chunk_size=CHUNK).study(None).manifest
+    sender, receiver = fast_nodes
+    manifest = scan(chunked_study, chunk_size=CHUNK).study(None).manifest
     expected_chunks = sum(manifest.chunk_count(i) for i in range(len(manifest.instances)))
     rng = random.Random(20261204)
     worst = total_resent = 0
@@ -76,12 +51,13 @@ async def test_fifty_cuts_at_random_offsets_each_resume_to_an_identical_study(
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
         for run in range(RUNS):
-            cut_after = rng.randrange(2_000, manifest.total_bytes)  # anywhere: handshake, manifest, mid-chunk
+            # anywhere: handshake, manifest, mid-chunk
+            cut_after = rng.randrange(2_000, manifest.total_bytes)
             out = tmp_path / f"out-{run}"
             async with MitmProxy(
                 sender.port, Attack(CUT, cut_after=cut_after, reset=run % 2 == 1), cut_once=True
             ) as proxy:
-                offer = await s_api.create_offer(str(resume_study), None, None, consent="none")
+                offer = await s_api.create_offer(str(chunked_study), None, None, consent="none")
                 job = await r_api.receive(offer["code"], str(out), [proxy.address])
                 events = await events_of(r_api, job)
                 assert events[-1]["event"] == "complete", (run, cut_after, events[-3:])
@@ -95,7 +71,7 @@ async def test_fifty_cuts_at_random_offsets_each_resume_to_an_identical_study(
                 worst = max(worst, resent)
                 total_resent += resent
                 assert resent <= WINDOW, (run, cut_after, resent)
-            assert tree_hashes(out) == tree_hashes(resume_study), run
+            assert tree_hashes(out) == tree_hashes(chunked_study), run
             assert not (out / ".p2pshare-partial").exists() or not any(
                 (out / ".p2pshare-partial").iterdir()
             )
@@ -104,7 +80,7 @@ async def test_fifty_cuts_at_random_offsets_each_resume_to_an_identical_study(
 
 
 async def test_kill_9_of_the_receiver_then_receive_resume_after_restart(
-    tmp_path: Path, resume_study: Path, cli: Cli
+    tmp_path: Path, chunked_study: Path, cli: Cli
 ) -> None:
     sender = await spawn_node("Referring Hospital ED", tmp_path / "ref", extra_args=FAST)
     receiver = await spawn_node("Trauma Centre Radiology", tmp_path / "tc", extra_args=FAST)
@@ -115,7 +91,7 @@ async def test_kill_9_of_the_receiver_then_receive_resume_after_restart(
         async with aiohttp.ClientSession() as http:
             s_api = NodeClient(sender.url, sender.token, http)
             r_api = NodeClient(receiver.url, receiver.token, http)
-            offer = await s_api.create_offer(str(resume_study), None, None, consent="none")
+            offer = await s_api.create_offer(str(chunked_study), None, None, consent="none")
             job = await r_api.receive(offer["code"], str(out), [via])
             await asyncio.wait_for(proxy.held.wait(), 30)
             await asyncio.sleep(0.5)  # let the receiver write what it got
@@ -126,9 +102,7 @@ async def test_kill_9_of_the_receiver_then_receive_resume_after_restart(
             placed_before = list(out.rglob("*.dcm"))
             assert partial or placed_before, "nothing was kept to resume from"
             assert len(placed_before) < 24
-            receiver = await spawn_node(
-                "Trauma Centre Radiology", tmp_path / "tc", extra_args=FAST
-            )
+            receiver = await spawn_node("Trauma Centre Radiology", tmp_path / "tc", extra_args=FAST)
             res = await cli.run(
                 "receive", "--resume", job, "--node", receiver.url, "--data-dir",
                 str(receiver.data_dir), "--json",
@@ -138,7 +112,7 @@ async def test_kill_9_of_the_receiver_then_receive_resume_after_restart(
             assert resuming and resuming[0]["bytes_held"] > 0
             offer_now = await s_api._call("GET", f"/api/v1/offers/{offer['offer_id']}")
         assert offer_now["state"] == "completed" and offer_now["receipt"]
-        assert tree_hashes(out) == tree_hashes(resume_study)
+        assert tree_hashes(out) == tree_hashes(chunked_study)
     finally:
         await proxy.close()
         await stop_node(receiver)
@@ -146,7 +120,7 @@ async def test_kill_9_of_the_receiver_then_receive_resume_after_restart(
 
 
 async def test_kill_9_of_the_sender_then_restart_and_the_receiver_reconnects_by_itself(
-    tmp_path: Path, resume_study: Path
+    tmp_path: Path, chunked_study: Path
 ) -> None:
     sender = await spawn_node("Referring Hospital ED", tmp_path / "ref", extra_args=FAST)
     receiver = await spawn_node("Trauma Centre Radiology", tmp_path / "tc", extra_args=FAST)
@@ -157,7 +131,7 @@ async def test_kill_9_of_the_sender_then_restart_and_the_receiver_reconnects_by_
         async with aiohttp.ClientSession() as http:
             s_api = NodeClient(sender.url, sender.token, http)
             r_api = NodeClient(receiver.url, receiver.token, http)
-            offer = await s_api.create_offer(str(resume_study), None, None, consent="none")
+            offer = await s_api.create_offer(str(chunked_study), None, None, consent="none")
             job = await r_api.receive(offer["code"], str(out), [via])
             await asyncio.wait_for(proxy.held.wait(), 30)
             os.kill(sender.proc.pid, signal.SIGKILL)
@@ -173,7 +147,7 @@ async def test_kill_9_of_the_sender_then_restart_and_the_receiver_reconnects_by_
         assert kinds[-1] == "complete", events[-3:]
         assert "reconnecting" in kinds and "resumed" in kinds
         assert offer_now["state"] == "completed"
-        assert tree_hashes(out) == tree_hashes(resume_study)
+        assert tree_hashes(out) == tree_hashes(chunked_study)
     finally:
         await proxy.close()
         await stop_node(receiver)
@@ -181,9 +155,9 @@ async def test_kill_9_of_the_sender_then_restart_and_the_receiver_reconnects_by_
 
 
 async def test_a_node_that_did_not_pair_cannot_resume_with_a_guessed_ticket(
-    pair: tuple[NodeProc, NodeProc], resume_study: Path, tmp_path: Path, cli: Cli
+    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, tmp_path: Path, cli: Cli
 ) -> None:
-    sender, receiver = pair
+    sender, receiver = fast_nodes
     res = await cli.run(
         "receive", "--resume", "f" * 32, "--node", receiver.url, "--data-dir",
         str(receiver.data_dir),
@@ -192,7 +166,7 @@ async def test_a_node_that_did_not_pair_cannot_resume_with_a_guessed_ticket(
 
 
 async def test_a_cut_on_a_relayed_transfer_resumes_through_the_relay(
-    tmp_path: Path, resume_study: Path
+    tmp_path: Path, chunked_study: Path
 ) -> None:
     """The receiver reaches the sender only through the relay; its connection to the relay is
     cut mid-stream. Both sides meet again at the relay with a channel token derived from the
@@ -222,7 +196,7 @@ async def test_a_cut_on_a_relayed_transfer_resumes_through_the_relay(
         ):
             s_api = NodeClient(sender.url, sender.token, http)
             r_api = NodeClient(receiver.url, receiver.token, http)
-            offer = await s_api.create_offer(str(resume_study), None, None, consent="none")
+            offer = await s_api.create_offer(str(chunked_study), None, None, consent="none")
             # the receiver is told the relay is where the proxy listens (only it gets cut)
             uri = offer["uri"].replace(quote(f"relay:{relay}"), quote(f"relay:{proxy.address}"))
             assert uri != offer["uri"]
@@ -234,7 +208,7 @@ async def test_a_cut_on_a_relayed_transfer_resumes_through_the_relay(
         assert "reconnecting" in kinds and "resumed" in kinds
         resumed = next(e for e in events if e["event"] == "resumed")
         assert resumed["address"] == f"relay:{proxy.address}"
-        assert tree_hashes(out) == tree_hashes(resume_study)
+        assert tree_hashes(out) == tree_hashes(chunked_study)
     finally:
         await stop_node(receiver)
         await stop_node(sender)
@@ -242,12 +216,12 @@ async def test_a_cut_on_a_relayed_transfer_resumes_through_the_relay(
 
 
 async def test_a_second_node_on_the_same_data_folder_is_refused_and_changes_nothing(
-    pair: tuple[NodeProc, NodeProc], resume_study: Path, tmp_path: Path, cli: Cli
+    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, tmp_path: Path, cli: Cli
 ) -> None:
     """A temporary CLI node next to a running `serve` would rewrite its transfer states."""
-    sender, _ = pair
+    sender, _ = fast_nodes
     res = await cli.run(
-        "send", str(resume_study), "--consent", "none", "--data-dir", str(sender.data_dir)
+        "send", str(chunked_study), "--consent", "none", "--data-dir", str(sender.data_dir)
     )
     assert res.code == 2, res.stdout + res.stderr
     assert "already running with the data folder" in res.stderr and "--node" in res.stderr
