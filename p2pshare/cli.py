@@ -151,11 +151,16 @@ def save_qr(uri: str, png: str | None, svg: str | None) -> None:
         qrcode.make(uri, image_factory=qrcode.image.svg.SvgPathImage).save(svg)
 
 
-async def _watch(client: NodeClient, job: str, out: Output, role: str) -> int:
-    """Follow a job's events to the end; returns the exit status."""
+async def _watch(
+    client: NodeClient, job: str, out: Output, role: str, seen: set[str] | None = None
+) -> int:
+    """Follow a job's events to the end; returns the exit status. ``seen`` collects the kinds
+    of event that came."""
     async for e in client.events(job):
         out.json({k: v for k, v in e.items() if k != "seq"} | {"type": e["event"]})
         kind = e["event"]
+        if seen is not None:
+            seen.add(kind)
         if kind == "pairing":
             out.say("A receiver is pairing…")
         elif kind == "wrong-code":
@@ -364,8 +369,9 @@ async def cmd_receive(args: argparse.Namespace, out: Output) -> int:
                 f"Interrupted. If the study had started to arrive, what arrived is kept: go on "
                 f"with p2pshare receive --resume {job} (while the sender's offer lasts)"
             )
+        seen: set[str] = set()
         try:
-            return await _watch(client, job, out, "receive")
+            status = await _watch(client, job, out, "receive", seen)
         except asyncio.CancelledError:
             if args.node:
                 try:
@@ -377,6 +383,38 @@ async def cmd_receive(args: argparse.Namespace, out: Output) -> int:
                         f"page if it is not wanted."
                     )
             raise
+        if status == EXIT_OK and not args.node and "receipt-unconfirmed" in seen:
+            await _resend_before_exit(client, job, out)
+        return status
+
+
+#: A `receive` without --node waits this long for its node to send a lost receipt again (its
+#: first two tries) before the node stops with the command.
+RESEND_WAIT_S = 12.0
+
+
+async def _resend_before_exit(client: NodeClient, job: str, out: Output) -> None:
+    """The connection ended before the sender confirmed the receipt, and this command's node
+    stops with it: give the node's resend its first tries, and say how it went."""
+    out.say("The connection ended before the sender confirmed the receipt; sending it again…")
+    outcome = ""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RESEND_WAIT_S
+    while not outcome and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        events = (await client._call("GET", f"/api/v1/jobs/{job}/events?after=0&wait=0"))["events"]
+        outcome = next((e["outcome"] for e in events if e["event"] == "receipt-resent"), "")
+    out.json({"type": "receipt-resent", "outcome": outcome or "unreachable"})
+    if outcome == "ok":
+        out.say("The sender has the receipt now.")
+    elif outcome == "refused":
+        out.say("The sender already had the receipt.")
+    else:
+        out.say(
+            "The sending node could not be reached to send the receipt again: it may show the "
+            "transfer as interrupted. The study here is complete; run `p2pshare serve` to keep "
+            "a node that retries."
+        )
 
 
 async def cmd_serve(args: argparse.Namespace, out: Output) -> int:

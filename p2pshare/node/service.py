@@ -671,6 +671,9 @@ def _settle_in_background(
             if result.final:
                 break
         engine.audit(action, outcome, transfer=job_id, **detail)
+        job = app[jobs_key].get(job_id)
+        if job is not None:  # for whoever still follows the (ended) job, e.g. the CLI
+            job.emit(action, outcome=outcome, **detail)
 
     task = asyncio.create_task(run())
     app[receive_tasks_key].add(task)

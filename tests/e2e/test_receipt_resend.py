@@ -18,12 +18,24 @@ import pytest
 from p2pshare.client import NodeClient
 from p2pshare.demo import NodeProc, tree_hashes
 from p2pshare.dicom.ingest import scan
-from tests.e2e.conftest import CHUNK
+from p2pshare.dicom.synthetic import SeriesSpec, generate_ct_study
+from tests.e2e.conftest import CHUNK, Cli
 from tests.e2e.proxy import CHUNK_FRAME, CUT, DROP, FLIP, Attack, MitmProxy
 
 pytestmark = pytest.mark.e2e
 
 SEALED_FRAME = 0x10  # p2pshare.protocol.frames.FrameType.SEALED
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 files, 12 chunks of 16 KiB: fewer than the window, so the sender sends them all at
+    once and its DONE goes out in the same message as the last chunk."""
+    root = tmp_path_factory.mktemp("receipt-study")
+    generate_ct_study(
+        root, seed=11, series=[SeriesSpec("HEAD", slices=6, rows=96, columns=96, region="head")]
+    )
+    return root
 
 
 async def audit_action(api: NodeClient, ref: str, action: str) -> list[dict[str, Any]]:
@@ -49,10 +61,10 @@ async def receive_through(
 
 
 async def test_a_receipt_cut_off_on_its_way_is_signed_again_and_the_sender_completes(
-    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, tmp_path: Path
+    fast_nodes: tuple[NodeProc, NodeProc], small_study: Path, tmp_path: Path
 ) -> None:
     sender, receiver = fast_nodes
-    manifest = scan(chunked_study, chunk_size=CHUNK).study(None).manifest
+    manifest = scan(small_study, chunk_size=CHUNK).study(None).manifest
     chunks = sum(manifest.chunk_count(i) for i in range(len(manifest.instances)))
     # the last CHUNK goes out with the sender's DONE; cut right after it: the receiver
     # completes and signs, but its receipt finds the connection gone
@@ -61,7 +73,7 @@ async def test_a_receipt_cut_off_on_its_way_is_signed_again_and_the_sender_compl
     async with aiohttp.ClientSession() as http, MitmProxy(sender.port, cut, cut_once=True) as proxy:
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
-        offer, job, events = await receive_through(proxy, s_api, r_api, chunked_study, out)
+        offer, job, events = await receive_through(proxy, s_api, r_api, small_study, out)
         assert [a.kind for a in proxy.applied] == [CUT]
         kinds = [e["event"] for e in events]
         assert kinds[-1] == "complete" and "receipt-unconfirmed" in kinds, kinds
@@ -76,12 +88,12 @@ async def test_a_receipt_cut_off_on_its_way_is_signed_again_and_the_sender_compl
     assert offer_now["receipt"] == transfer["receipt"]
     assert transfer["state"] == "complete"
     assert len(resumed) == 1
-    assert tree_hashes(out) == tree_hashes(chunked_study)
+    assert tree_hashes(out) == tree_hashes(small_study)
 
 
 @pytest.mark.parametrize("attack", [DROP, FLIP])
 async def test_a_lost_close_after_a_delivered_receipt_needs_no_second_receipt(
-    fast_nodes: tuple[NodeProc, NodeProc], chunked_study: Path, tmp_path: Path, attack: str
+    fast_nodes: tuple[NodeProc, NodeProc], small_study: Path, tmp_path: Path, attack: str
 ) -> None:
     """Only the sender's CLOSE went missing (dropped), or arrived altered (a protocol error
     after the receipt): the study stays complete, the sender has the receipt and its offer is
@@ -91,12 +103,12 @@ async def test_a_lost_close_after_a_delivered_receipt_needs_no_second_receipt(
         s_api = NodeClient(sender.url, sender.token, http)
         r_api = NodeClient(receiver.url, receiver.token, http)
         # a control run says which sealed sender message is the CLOSE (the last one)
-        await receive_through(proxy, s_api, r_api, chunked_study, tmp_path / "control")
+        await receive_through(proxy, s_api, r_api, small_study, tmp_path / "control")
         await proxy.wait_idle()
         sealed = [m for m in proxy.s2r_messages if len(m) > 4 and m[4] == SEALED_FRAME]
         proxy.reset(Attack(attack, frame_type=SEALED_FRAME, index=len(sealed) - 1, offset=8))
         offer, job, events = await receive_through(
-            proxy, s_api, r_api, chunked_study, tmp_path / "in"
+            proxy, s_api, r_api, small_study, tmp_path / "in"
         )
         assert [a.kind for a in proxy.applied] == [attack]
         kinds = [e["event"] for e in events]
@@ -108,4 +120,30 @@ async def test_a_lost_close_after_a_delivered_receipt_needs_no_second_receipt(
     assert transfer["state"] == "complete"
     assert offer_now["state"] == "completed"
     assert offer_now["receipt"] == transfer["receipt"]  # the one receipt, never re-signed
-    assert tree_hashes(tmp_path / "in") == tree_hashes(chunked_study)
+    assert tree_hashes(tmp_path / "in") == tree_hashes(small_study)
+
+
+async def test_a_receive_without_node_sends_a_lost_receipt_again_before_it_ends(
+    fast_nodes: tuple[NodeProc, NodeProc], small_study: Path, tmp_path: Path, cli: Cli
+) -> None:
+    """`receive` without --node stops its node with the command: it waits for the node's first
+    tries, so a sender that lost the receipt still completes."""
+    sender, _ = fast_nodes
+    manifest = scan(small_study, chunk_size=CHUNK).study(None).manifest
+    chunks = sum(manifest.chunk_count(i) for i in range(len(manifest.instances)))
+    cut = Attack(CUT, frame_type=CHUNK_FRAME, index=chunks - 1)
+    out = tmp_path / "in"
+    async with aiohttp.ClientSession() as http, MitmProxy(sender.port, cut, cut_once=True) as proxy:
+        s_api = NodeClient(sender.url, sender.token, http)
+        offer = await s_api.create_offer(str(small_study), None, None, consent="none")
+        res = await cli.run(
+            "receive", offer["code"], "--from", proxy.address, "--data-dir", str(tmp_path / "own"),
+            "--name", "Trauma Centre CT", "--out", str(out), "--json",
+        )  # fmt: skip
+        offer_now = await s_api._call("GET", f"/api/v1/offers/{offer['offer_id']}")
+    assert res.code == 0, res.stderr
+    assert [a.kind for a in proxy.applied] == [CUT]
+    assert res.events("receipt-unconfirmed")
+    assert [e["outcome"] for e in res.events("receipt-resent")] == ["ok"]
+    assert offer_now["state"] == "completed"
+    assert tree_hashes(out) == tree_hashes(small_study)
