@@ -485,14 +485,21 @@ async def _drive_receive(
         _receive_failed(app, job, _InternalError())
 
 
+def _finished_if_signed_for(app: web.Application, job: Job) -> bool:
+    """A receive that ended badly after its receipt was signed (its wait for the sender's CLOSE
+    was cancelled or broken) is still complete: finish the job so, and say True."""
+    t = app[store_key].get_transfer(job.id)
+    if t is None or t["state"] != "complete" or not t["receipt"]:
+        return False
+    _finish_receive(app, job, t["receipt"], Path(t["out_dir"]), t.get("path") or "direct")
+    return True
+
+
 def _receive_cancelled(app: web.Application, job: Job) -> None:
     """A receive task was cancelled: by its operator (partial data removed), or because the
     node is stopping (kept: the transfer is interrupted and can resume after the restart)."""
     store, engine = app[store_key], app[engine_key]
-    t = store.get_transfer(job.id)
-    if t is not None and t["state"] == "complete" and t["receipt"]:
-        # Everything was in place and signed for; only the sender's CLOSE was still awaited.
-        _finish_receive(app, job, t["receipt"], Path(t["out_dir"]), t.get("path") or "direct")
+    if _finished_if_signed_for(app, job):
         return
     if engine.stopping and load_resume(store, job.id, engine.now()) is not None:
         store.update_transfer(job.id, state="interrupted")
@@ -703,11 +710,9 @@ def _finish_receive(
 
 def _receive_failed(app: web.Application, job: Job, exc: P2PShareError) -> None:
     store, engine = app[store_key], app[engine_key]
-    t = store.get_transfer(job.id)
-    if t is not None and t["state"] == "complete" and t["receipt"]:
-        # signed for: whatever went wrong afterwards does not undo the study
-        _finish_receive(app, job, t["receipt"], Path(t["out_dir"]), t.get("path") or "direct")
+    if _finished_if_signed_for(app, job):
         return
+    t = store.get_transfer(job.id)
     resume = load_resume(store, job.id, engine.now()) if isinstance(exc, ConnectionLost) else None
     staging = Path(t["staging"]) if t and t.get("staging") else None
     if resume is not None and staging is not None and staging.is_dir():

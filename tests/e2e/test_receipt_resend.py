@@ -60,15 +60,19 @@ async def receive_through(
     return offer, job, events
 
 
+def cut_after_done(study: Path) -> Attack:
+    """Cut right after the last CHUNK, which goes out with the sender's DONE: the receiver
+    completes and signs, but its receipt finds the connection gone."""
+    manifest = scan(study, chunk_size=CHUNK).study(None).manifest
+    chunks = sum(manifest.chunk_count(i) for i in range(len(manifest.instances)))
+    return Attack(CUT, frame_type=CHUNK_FRAME, index=chunks - 1)
+
+
 async def test_a_receipt_cut_off_on_its_way_is_signed_again_and_the_sender_completes(
     fast_nodes: tuple[NodeProc, NodeProc], small_study: Path, tmp_path: Path
 ) -> None:
     sender, receiver = fast_nodes
-    manifest = scan(small_study, chunk_size=CHUNK).study(None).manifest
-    chunks = sum(manifest.chunk_count(i) for i in range(len(manifest.instances)))
-    # the last CHUNK goes out with the sender's DONE; cut right after it: the receiver
-    # completes and signs, but its receipt finds the connection gone
-    cut = Attack(CUT, frame_type=CHUNK_FRAME, index=chunks - 1)
+    cut = cut_after_done(small_study)
     out = tmp_path / "in"
     async with aiohttp.ClientSession() as http, MitmProxy(sender.port, cut, cut_once=True) as proxy:
         s_api = NodeClient(sender.url, sender.token, http)
@@ -129,9 +133,7 @@ async def test_a_receive_without_node_sends_a_lost_receipt_again_before_it_ends(
     """`receive` without --node stops its node with the command: it waits for the node's first
     tries, so a sender that lost the receipt still completes."""
     sender, _ = fast_nodes
-    manifest = scan(small_study, chunk_size=CHUNK).study(None).manifest
-    chunks = sum(manifest.chunk_count(i) for i in range(len(manifest.instances)))
-    cut = Attack(CUT, frame_type=CHUNK_FRAME, index=chunks - 1)
+    cut = cut_after_done(small_study)
     out = tmp_path / "in"
     async with aiohttp.ClientSession() as http, MitmProxy(sender.port, cut, cut_once=True) as proxy:
         s_api = NodeClient(sender.url, sender.token, http)
